@@ -1,0 +1,328 @@
+"""Exact variational bound of a DDPM, in bits per dimension (shared/notes/math.md, "Likelihood").
+
+    L = L_T + sum_{t=2..T} L_{t-1} + L_0                                   (Ho et al. 2020, eq. 5)
+    L_T     = KL(q(x_T|x_0) || N(0, I))                  q(x_T|x_0): seed eq. (23)
+    L_{t-1} = KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t))  posterior: seed eqs. (25)-(30)
+    L_0     = -log p(x_0|x_1), a Gaussian discretised to ``num_bins`` levels on [-1, 1]
+    bits/dim = L / (D ln 2), D = C*H*W.
+
+Code timestep ``i`` is the seed's t = i + 1, so code step 0 is the decoder. Everything is accumulated
+in float64, x_0 is never clipped, and the model runs under ``torch.no_grad`` in its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm comes with diffusers/huggingface_hub; keep the import optional anyway
+    tqdm = None
+
+__all__ = [
+    "normal_kl",
+    "discretized_gaussian_log_likelihood",
+    "vb_term_nats",
+    "vlb_terms",
+    "bits_per_dim",
+]
+
+FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (broadcasting)."""
+    mean1, logvar1, mean2, logvar2 = (torch.as_tensor(v) for v in (mean1, logvar1, mean2, logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def _log_diff_ndtr(lo, hi):
+    """log(Phi(hi) - Phi(lo)) for lo < hi, accurate in both tails.
+
+    Reflects the pair to the side where Phi is small (Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)), then
+    log(Phi(b) - Phi(a)) = log Phi(b) + log(-expm1(log Phi(a) - log Phi(b))), exact up to rounding
+    (improved-diffusion's tanh approximation of Phi is not used).
+    """
+    reflect = (lo + hi) > 0
+    a = torch.where(reflect, -hi, lo)
+    b = torch.where(reflect, -lo, hi)
+    log_b = torch.special.log_ndtr(b)
+    diff = torch.special.log_ndtr(a) - log_b
+    # diff < 0 whenever lo < hi; the clamp only guards rounding in degenerate (zero-width) cases.
+    diff = diff.clamp(max=-torch.finfo(diff.dtype).tiny)
+    return log_b + torch.log(-torch.expm1(diff))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales, num_bins: int = 256):
+    """Elementwise log-probability (nats, float64) of ``x`` on the grid of ``num_bins`` levels in [-1, 1].
+
+    Bin k (k = 0..num_bins-1) is centred at -1 + 2k/(num_bins-1) with width 2/(num_bins-1); the edge bins
+    are open: (-inf, -1 + h] and [1 - h, inf) with h = 1/(num_bins-1). The probabilities of the
+    ``num_bins`` bins sum to 1 for any mean and scale.
+    """
+    if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 2:
+        raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+    x = torch.as_tensor(x).to(torch.float64)
+    means = torch.as_tensor(means).to(device=x.device, dtype=torch.float64)
+    log_scales = torch.as_tensor(log_scales).to(device=x.device, dtype=torch.float64)
+    half = 1.0 / (num_bins - 1)
+    centred = x - means
+    inv_stdv = torch.exp(-log_scales)
+    lo = (centred - half) * inv_stdv
+    hi = (centred + half) * inv_stdv
+    left = x < -1.0 + half  # the lowest grid level (-1); half a bin of slack for rounding
+    right = x > 1.0 - half  # the highest grid level (+1)
+    interior = _log_diff_ndtr(lo, hi)
+    return torch.where(
+        left, torch.special.log_ndtr(hi), torch.where(right, torch.special.log_ndtr(-lo), interior)
+    )
+
+
+def _extract(table, timesteps, ndim, device):
+    """table[timesteps] as float64, shaped [B, 1, ..., 1] for broadcasting against ``ndim``-D samples."""
+    table = torch.as_tensor(table).to(device=device, dtype=torch.float64)
+    values = table[timesteps.to(device=device, dtype=torch.long)]
+    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+def vb_term_nats(
+    scheduler,
+    model_output,
+    x_start,
+    x_t,
+    timesteps,
+    prev_timesteps,
+    *,
+    num_bins: int = 256,
+    decoder_log_variance=None,
+):
+    """Elementwise term of the bound in nats, one timestep per batch element.
+
+    Where ``prev_timesteps`` is -1 (the step that ends at x_0): the decoder NLL -log p(x_0|x_1) with the
+    model's mean and log-variance (or ``decoder_log_variance`` if given). Elsewhere:
+    KL(q(x_prev|x_t, x_0) || p(x_prev|x_t)) with the exact beta' = 1 - abar_t / abar_prev between the two
+    timesteps. x_0 is never clipped (``clip_denoised=False``).
+    """
+    timesteps = torch.as_tensor(timesteps, device=x_t.device).long().reshape(-1)
+    prev_timesteps = torch.as_tensor(prev_timesteps, device=x_t.device).long().reshape(-1)
+    if timesteps.numel() == 1 and x_t.shape[0] != 1:
+        timesteps = timesteps.expand(x_t.shape[0])
+    if prev_timesteps.numel() == 1 and x_t.shape[0] != 1:
+        prev_timesteps = prev_timesteps.expand(x_t.shape[0])
+    out = scheduler.p_mean_variance(
+        model_output, x_t, timesteps, prev_timestep=prev_timesteps, clip_denoised=False
+    )
+    model_mean = out.mean.to(torch.float64)
+    model_log_variance = out.log_variance.to(torch.float64)
+    is_decoder = (prev_timesteps < 0).reshape((-1,) + (1,) * (x_t.ndim - 1))
+
+    # KL terms. At decoder positions q_posterior's variance is 0; feed it a harmless prev there (the
+    # result is discarded by the torch.where below) so nothing non-finite enters the graph.
+    safe_prev = torch.where(prev_timesteps < 0, torch.zeros_like(prev_timesteps), prev_timesteps)
+    safe_t = torch.where(prev_timesteps < 0, torch.ones_like(timesteps), timesteps)
+    true_mean, _, true_log_variance = scheduler.q_posterior(x_start, x_t, safe_t, prev_timestep=safe_prev)
+    kl = normal_kl(
+        true_mean.to(torch.float64), true_log_variance.to(torch.float64), model_mean, model_log_variance
+    )
+
+    decoder_lv = model_log_variance if decoder_log_variance is None else decoder_log_variance
+    decoder_nll = -discretized_gaussian_log_likelihood(
+        x_start, means=model_mean, log_scales=0.5 * torch.as_tensor(decoder_lv, dtype=torch.float64), num_bins=num_bins
+    )
+    return torch.where(is_decoder, decoder_nll, kl)
+
+
+def _validated_sequence(timesteps, num_train_timesteps: int) -> torch.Tensor:
+    """The user's subsequence as a 1-D long tensor (order kept), checked to be strictly monotone,
+    within [0, T-1], and to contain 0 as its smallest element."""
+    if timesteps is None:
+        return torch.arange(num_train_timesteps, dtype=torch.long)
+    seq = torch.as_tensor(timesteps)
+    if seq.ndim != 1 or seq.numel() == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence of integers, got shape {tuple(seq.shape)}")
+    if seq.is_floating_point() and not torch.equal(seq, seq.round()):
+        raise ValueError("timesteps must be integers")
+    seq = seq.long().cpu()
+    if seq.numel() > 1:
+        d = seq[1:] - seq[:-1]
+        if not (bool((d > 0).all()) or bool((d < 0).all())):
+            raise ValueError("timesteps must be strictly increasing or strictly decreasing")
+    if int(seq.min()) != 0:
+        raise ValueError(f"timesteps must contain 0 (the decoder step); the smallest given is {int(seq.min())}")
+    if int(seq.max()) >= num_train_timesteps:
+        raise ValueError(
+            f"timesteps must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps={num_train_timesteps}); "
+            f"got {int(seq.max())}"
+        )
+    return seq
+
+
+def _call_model(model, sample, timesteps):
+    out = model(sample, timesteps)
+    if hasattr(out, "sample"):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not torch.is_tensor(out):
+        raise TypeError(f"model must return a tensor or an object with .sample, got {type(out).__name__}")
+    return out
+
+
+def _model_device_dtype(model, fallback_device):
+    device = getattr(model, "device", None)
+    dtype = getattr(model, "dtype", None)
+    if (device is None or dtype is None) and isinstance(model, torch.nn.Module):
+        param = next(model.parameters(), None)
+        if param is not None:
+            device, dtype = device or param.device, dtype or param.dtype
+    device = torch.device(device) if device is not None else fallback_device
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = torch.float32
+    return device, dtype
+
+
+def _check_scheduler(scheduler):
+    for name in ("q_posterior", "p_mean_variance", "alphas_cumprod"):
+        if not hasattr(scheduler, name):
+            raise TypeError(
+                f"scheduler {type(scheduler).__name__} has no {name!r}; the bound needs ddpm_plus.DDPMPlusScheduler "
+                "(build one with DDPMPlusScheduler.from_config(scheduler.config))"
+            )
+
+
+def _check_images(images, num_bins):
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"images must be a 4-D tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
+    x = images.to(torch.float64)
+    if not torch.isfinite(x).all() or x.min() < -1.0 - 1e-6 or x.max() > 1.0 + 1e-6:
+        raise ValueError("images must be finite and in [-1, 1]")
+    levels = (x + 1.0) * (num_bins - 1) / 2.0
+    off = (levels - levels.round()).abs().max().item()
+    if off > 1e-3:
+        raise ValueError(
+            f"images are not on the grid of num_bins={num_bins} levels in [-1, 1] (largest offset {off:.3g} of a "
+            "bin); pass the num_bins the data was quantised with (256 for 8-bit images, 17 for the digits)"
+        )
+
+
+@torch.no_grad()
+def vlb_terms(
+    model: Union[Callable, torch.nn.Module],
+    scheduler,
+    x_start: torch.Tensor,
+    *,
+    timesteps: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    num_bins: int = 256,
+    generator: Optional[torch.Generator] = None,
+    batch_size: Optional[int] = None,
+    progress: bool = True,
+):
+    """Every term of the bound for each image, in bits/dim (float64, on CPU).
+
+    Returns a dict: ``timesteps`` [K] (the sequence, in the order given; default 0..T-1),
+    ``terms_bpd`` [B, K] (column k: the term whose x_t is at ``timesteps[k]``; the decoder L_0 at
+    ``decoder_index``, KL terms L_{t-1} elsewhere), ``decoder_index`` (int), ``prior_bpd`` [B] (L_T at the
+    sequence's largest timestep) and ``total_bpd`` [B] = prior + sum of terms.
+
+    On a subsequence tau_0 = 0 < tau_1 < ... < tau_{K-1}, step k uses beta'_k = 1 - abar_{tau_k}/abar_{tau_{k-1}}.
+    One x_t ~ q(x_t|x_0) is drawn per image and term (``generator``), so the total is an unbiased
+    one-sample estimate of the bound. For fixed variance types the decoder uses the clipped posterior
+    variance of improved DDPM (the posterior variance of the sequence's second step, beta~_2 for the full
+    sequence); learned types use the model's own variance.
+    """
+    _check_scheduler(scheduler)
+    _check_images(x_start, num_bins)
+    num_train = int(scheduler.config.num_train_timesteps)
+    seq = _validated_sequence(timesteps, num_train)
+    ascending = torch.sort(seq).values
+    prev_of = {int(ascending[0]): -1}
+    prev_of.update({int(t): int(p) for p, t in zip(ascending[:-1], ascending[1:])})
+    variance_type = scheduler.config.variance_type
+    device, model_dtype = _model_device_dtype(model, x_start.device)
+    n = x_start.shape[0]
+    batch_size = n if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dims = x_start[0].numel()
+    to_bpd = 1.0 / (dims * math.log(2.0))
+    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).to(torch.float64)
+
+    x0_all = x_start.to(torch.float64)
+    terms = torch.zeros(n, seq.numel(), dtype=torch.float64)
+    # L_T (eq. (23) against N(0, I)) at the largest timestep of the sequence.
+    abar_top = alphas_cumprod[int(ascending[-1])]
+    prior = normal_kl(abar_top.sqrt() * x0_all, torch.log1p(-abar_top), 0.0, 0.0)
+    prior_bpd = prior.flatten(1).sum(1) * to_bpd
+
+    decoder_index = int((seq == 0).nonzero()[0, 0])
+    iterator = list(enumerate(seq.tolist()))
+    if progress and tqdm is not None:
+        iterator = tqdm(iterator, desc="bits/dim", unit="t", leave=False)
+    for k, t in iterator:
+        prev = prev_of[t]
+        for start in range(0, n, batch_size):
+            x0 = x0_all[start : start + batch_size].to(device)
+            b = x0.shape[0]
+            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator, device))
+            noise = noise.to(device)
+            abar = alphas_cumprod[t]
+            x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise  # eq. (16)
+            t_batch = torch.full((b,), t, dtype=torch.long, device=device)
+            out = _call_model(model, x_t.to(model_dtype), t_batch).to(torch.float64)
+            decoder_lv = None
+            if prev < 0 and variance_type in FIXED_VARIANCE_TYPES:
+                decoder_lv = _clipped_decoder_log_variance(scheduler, ascending, x0, x_t)
+            term = vb_term_nats(
+                scheduler, out, x0, x_t, t_batch, torch.full_like(t_batch, prev),
+                num_bins=num_bins, decoder_log_variance=decoder_lv,
+            )
+            terms[start : start + b, k] = term.flatten(1).sum(1).cpu() * to_bpd
+    return {
+        "timesteps": seq,
+        "terms_bpd": terms,
+        "decoder_index": decoder_index,
+        "prior_bpd": prior_bpd.cpu(),
+        "total_bpd": prior_bpd.cpu() + terms.sum(1),
+    }
+
+
+def _gen_device(generator, device):
+    return generator.device if generator is not None else device
+
+
+def _clipped_decoder_log_variance(scheduler, ascending, x0, x_t):
+    """log of improved DDPM's decoder variance for fixed types: the posterior variance of the sequence's
+    second step (beta~_2 on the full sequence, beta~' on a subsequence); the table's clipped value if the
+    sequence is only [0]."""
+    if ascending.numel() > 1:
+        t1 = torch.full((x0.shape[0],), int(ascending[1]), dtype=torch.long, device=x0.device)
+        _, _, log_variance = scheduler.q_posterior(x0, x_t, t1, prev_timestep=torch.zeros_like(t1))
+        return log_variance.to(torch.float64)
+    return _extract(scheduler.posterior_log_variance_clipped, torch.zeros(1, dtype=torch.long), x0.ndim, x0.device)
+
+
+def bits_per_dim(
+    model,
+    scheduler,
+    images: torch.Tensor,
+    *,
+    num_bins: int = 256,
+    timesteps=None,
+    batch_size: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Per-image bits/dim of the variational bound (float64 tensor [N]); see ``vlb_terms``.
+
+    ``images`` are [N, C, H, W] in [-1, 1] on the grid of ``num_bins`` levels (256 for 8-bit data).
+    """
+    return vlb_terms(
+        model, scheduler, images, timesteps=timesteps, num_bins=num_bins, generator=generator,
+        batch_size=batch_size, progress=progress,
+    )["total_bpd"]
