@@ -1,0 +1,294 @@
+"""Training and evaluation data: a bundled offline default (scikit-learn digits), Hub datasets and
+imagefolders through ``datasets``, and the image transform to the model's tensors.
+
+Pixels p in [0, 255] become x = p / 127.5 - 1 in [-1, 1] (seed, first line). The digits are
+stored as 8-bit images with level v in 0..16 at p = round(v * 255 / 16); passing
+``num_bins=DIGITS_NUM_BINS`` to :class:`ImageTransform` puts them back exactly on the 17-level grid
+x = v / 16 * 2 - 1 that bits/dim with ``num_bins=17`` expects.
+
+Every image is decoded once in :func:`prepare_dataset`, before training starts, so an unreadable
+file is reported (by path, else by dataset index) or skipped and counted up front.
+"""
+
+import logging
+import os
+from io import BytesIO
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+
+logger = logging.getLogger(__name__)
+
+DIGITS_NUM_BINS = 17
+DIGITS_SPLITS = ("train", "test", "all")
+# The held-out split, stratified by label: take a permutation of the 1,797 indices from NumPy's
+# legacy RandomState(0), whose stream NumPy keeps frozen across versions (Generator streams carry no
+# such guarantee); sort it stably by label; every 5th entry from the first is "test" (360 images,
+# 35 to 37 of each digit), the rest "train" (1,437). Both keep sklearn's order.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_STRIDE = 5
+_CHECK_BATCH = 1024  # images per read in prepare_dataset's upfront decode pass
+_RESAMPLE_NAMES = {m.name.lower(): m for m in PIL.Image.Resampling}
+
+
+def digits_split_indices(split="train"):
+    """Sorted indices into sklearn's ``load_digits`` arrays for ``split`` in {"train", "test", "all"}."""
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"split must be one of {list(DIGITS_SPLITS)}, got split={split!r}")
+    from sklearn.datasets import load_digits  # ships its data: no download
+
+    labels = load_digits().target
+    if split == "all":
+        return np.arange(len(labels))
+    perm = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(labels))
+    order = perm[np.argsort(labels[perm], kind="stable")]
+    test = np.zeros(len(labels), dtype=bool)
+    test[order[::DIGITS_TEST_STRIDE]] = True
+    return np.flatnonzero(test if split == "test" else ~test)
+
+
+def load_digits_dataset(split="train"):
+    """scikit-learn's digits (8x8, levels 0..16) as a ``datasets.Dataset`` with columns ``image``
+    (PIL mode "L", level v at pixel round(v * 255 / 16)) and ``label`` (0..9)."""
+    from sklearn.datasets import load_digits  # ships its data: no download
+
+    indices = digits_split_indices(split)
+    digits = load_digits()
+    pixels = np.rint(digits.images[indices] * (255 / 16)).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": [PIL.Image.fromarray(p, mode="L") for p in pixels], "label": digits.target[indices].tolist()},
+        features=features,
+    )
+
+
+def load_image_dataset(
+    dataset_name=None,
+    dataset_config_name=None,
+    train_data_dir=None,
+    image_column="image",
+    split="train",
+    cache_dir=None,
+):
+    """Load the training images from exactly one source: a Hub dataset (``dataset_name``), a local
+    imagefolder (``train_data_dir``), or, when neither is given, the bundled digits
+    (:func:`load_digits_dataset`). The image column is renamed to ``image``."""
+    if dataset_name is not None and train_data_dir is not None:
+        raise ValueError(
+            f"give at most one of dataset_name and train_data_dir, got dataset_name={dataset_name!r} "
+            f"and train_data_dir={train_data_dir!r}"
+        )
+    if dataset_name is None and train_data_dir is None:
+        if dataset_config_name is not None:
+            raise ValueError(f"dataset_config_name={dataset_config_name!r} needs dataset_name")
+        return load_digits_dataset(split)
+    if dataset_name is not None:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+    else:
+        if not os.path.isdir(train_data_dir):
+            raise FileNotFoundError(f"train_data_dir={train_data_dir!r} is not a directory")
+        try:
+            dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
+        except (datasets.data_files.EmptyDatasetError, ValueError) as err:
+            # EmptyDatasetError: no file with an image extension; ValueError: nothing in `split`.
+            raise ValueError(f"no images found in train_data_dir={train_data_dir!r} (split={split!r}): {err}") from err
+    if image_column not in dataset.column_names:
+        raise ValueError(
+            f"image_column={image_column!r} is not a column of the dataset; available columns: {dataset.column_names}"
+        )
+    if image_column != "image":
+        if "image" in dataset.column_names:
+            logger.warning("dropping the dataset's column 'image' in favour of image_column=%r", image_column)
+            dataset = dataset.remove_columns("image")
+        dataset = dataset.rename_column(image_column, "image")
+    return dataset
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded; the message names its file (or dataset index)."""
+
+
+def decode_image(value, source):
+    """Decode one stored image (``{"path", "bytes"}`` dict, path, bytes or PIL image) fully into
+    memory with the ``datasets`` Image feature's decoder (EXIF orientation applied).
+    ``source`` names the image in the :class:`BadImageError` raised when that fails."""
+    if value is None:
+        raise BadImageError(f"image {source} is missing (None)")
+    if isinstance(value, (bytes, bytearray)):
+        value = {"path": None, "bytes": bytes(value)}
+    try:
+        image = datasets.Image().decode_example(value)
+        image.load()
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        raise BadImageError(f"cannot read image {source}: {type(err).__name__}: {err}") from err
+    return image
+
+
+def _source(value, index):
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f"{path!r} (dataset index {index})" if path else f"at dataset index {index}"
+
+
+def _to_channels(image, channels):
+    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3). Transparent images are
+    composited on white; 16-bit greyscale ("I;16*", "I") is scaled by 255/65535."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        scaled = np.rint(np.asarray(image, dtype=np.float64) * (255 / 65535))
+        image = PIL.Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    target = "L" if channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)
+
+
+class ImageTransform:
+    """PIL image -> float32 tensor (channels, resolution, resolution) in [-1, 1], as diffusers'
+    train_unconditional: channel conversion, resize of the shorter side to ``resolution``, center
+    crop (``center_crop``) or random crop, optional random horizontal flip, then p / 127.5 - 1.
+
+    ``resample`` (a ``PIL.Image.Resampling`` or its name) defaults to NEAREST when ``resolution``
+    is an integer multiple of the shorter side (pixels are replicated, grey levels kept exactly),
+    else BICUBIC. ``num_bins`` snaps the output to the grid {k / (num_bins - 1) * 2 - 1}; use
+    ``DIGITS_NUM_BINS`` for the bundled digits. Randomness comes from ``generator`` (a
+    ``torch.Generator``) or torch's global RNG.
+    """
+
+    def __init__(
+        self,
+        resolution,
+        channels,
+        center_crop=False,
+        random_flip=False,
+        resample=None,
+        num_bins=None,
+        generator=None,
+    ):
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be an integer >= 1, got resolution={resolution!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got channels={channels!r}")
+        if isinstance(resample, str):
+            if resample.lower() not in _RESAMPLE_NAMES:
+                raise ValueError(f"resample must be None or one of {sorted(_RESAMPLE_NAMES)}, got resample={resample!r}")
+            resample = _RESAMPLE_NAMES[resample.lower()]
+        elif resample is not None:
+            resample = PIL.Image.Resampling(resample)
+        if num_bins is not None and (isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2):
+            raise ValueError(f"num_bins must be None or an integer >= 2, got num_bins={num_bins!r}")
+        self.resolution = resolution
+        self.channels = channels
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.resample = resample
+        self.num_bins = num_bins
+        self.generator = generator
+
+    def _randint(self, high):
+        return int(torch.randint(high, (1,), generator=self.generator)) if high > 1 else 0
+
+    def __call__(self, image):
+        image = _to_channels(image, self.channels)
+        res = self.resolution
+        width, height = image.size
+        short = min(width, height)
+        if short != res:
+            size = (max(res, round(width * res / short)), max(res, round(height * res / short)))
+            resample = self.resample
+            if resample is None:
+                resample = PIL.Image.Resampling.NEAREST if res % short == 0 else PIL.Image.Resampling.BICUBIC
+            image = image.resize(size, resample=resample)
+            width, height = size
+        if self.center_crop:
+            left, top = (width - res) // 2, (height - res) // 2
+        else:
+            left, top = self._randint(width - res + 1), self._randint(height - res + 1)
+        if (width, height) != (res, res):
+            image = image.crop((left, top, left + res, top + res))
+        if self.random_flip and bool(torch.rand(1, generator=self.generator) < 0.5):
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).reshape(res, res, self.channels)
+        if self.num_bins is not None:
+            # level k = round(p / 255 * (num_bins - 1)); x = k / (num_bins - 1) * 2 - 1
+            levels = torch.round(pixels.to(torch.float64) * ((self.num_bins - 1) / 255))
+            x = (levels * (2 / (self.num_bins - 1)) - 1).to(torch.float32)
+        else:
+            x = pixels.to(torch.float32) / 127.5 - 1  # seed, first line
+        return x.permute(2, 0, 1).contiguous()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items ``{"pixel_values": transform(image)}`` over the readable images of a ``datasets``
+    dataset with an ``image`` column. Built by :func:`prepare_dataset`; ``num_skipped`` and
+    ``skipped`` (the names of the unreadable images) report what ``skip_bad_images`` left out."""
+
+    def __init__(self, raw, indices, transform, skipped):
+        self._raw = raw
+        self._indices = indices
+        self.transform = transform
+        self.skipped = skipped
+
+    @property
+    def num_skipped(self):
+        return len(self.skipped)
+
+    def __len__(self):
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        index = self._indices[i]
+        value = self._raw[index]["image"]
+        return {"pixel_values": self.transform(decode_image(value, _source(value, index)))}
+
+
+def prepare_dataset(dataset, transform, *, skip_bad_images=False, min_size=None):
+    """Decode every image of ``dataset`` once, up front, and return an :class:`ImageDataset`.
+
+    An unreadable image raises :class:`BadImageError` naming its file, or with
+    ``skip_bad_images=True`` is skipped, counted and logged. Fewer than ``min_size`` (e.g. the
+    global batch size) or no readable images is a ValueError."""
+    if "image" not in dataset.column_names:
+        raise ValueError(f"dataset has no 'image' column; available columns: {dataset.column_names}")
+    if not callable(transform):
+        raise ValueError(f"transform must be callable, got transform={transform!r}")
+    if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1):
+        raise ValueError(f"min_size must be None or an integer >= 1, got min_size={min_size!r}")
+    raw = dataset.select_columns(["image"])
+    if isinstance(raw.features["image"], datasets.Image):
+        # Undecoded {"path", "bytes"} records: decode_image reads them and names the file on failure.
+        raw = raw.cast_column("image", datasets.Image(decode=False))
+    indices, skipped = [], []
+    for start, batch in zip(range(0, len(raw), _CHECK_BATCH), raw.iter(batch_size=_CHECK_BATCH)):
+        for index, value in enumerate(batch["image"], start):
+            try:
+                decode_image(value, _source(value, index))
+            except BadImageError as err:
+                if not skip_bad_images:
+                    raise BadImageError(f"{err} (pass skip_bad_images=True / --skip_bad_images to skip it)") from err
+                skipped.append(_source(value, index))
+                logger.warning("skipping unreadable image: %s", err)
+                continue
+            indices.append(index)
+    if skipped:
+        logger.warning("skipped %d unreadable image(s) of %d", len(skipped), len(raw))
+    usable = f"dataset has {len(indices)} readable image(s) ({len(skipped)} skipped as unreadable)"
+    if not indices:
+        raise ValueError(f"{usable}: nothing to train on")
+    if min_size is not None and len(indices) < min_size:
+        raise ValueError(f"{usable}, fewer than min_size={min_size} (one global batch)")
+    return ImageDataset(raw, indices, transform, skipped)
+
+
+def digits_heldout_tensor(resolution=8, channels=1, split="test"):
+    """The bundled digits' held-out split as an N x channels x resolution x resolution float32
+    tensor on the 17-level grid {k / 16 * 2 - 1}, preprocessed as for training (center crop, no
+    flip, ``num_bins=DIGITS_NUM_BINS``)."""
+    transform = ImageTransform(resolution, channels, center_crop=True, num_bins=DIGITS_NUM_BINS)
+    data = prepare_dataset(load_digits_dataset(split), transform)
+    return torch.stack([data[i]["pixel_values"] for i in range(len(data))])
