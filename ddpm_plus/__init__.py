@@ -1,0 +1,41 @@
+"""ddpm_plus: an exact DDPM scheduler and pipeline for Hugging Face Diffusers.
+
+Importing this package registers its classes where diffusers 0.42 looks plugin classes up, so that a
+plain ``DiffusionPipeline.from_pretrained(path_or_repo_id)`` returns a ``DDPMPlusPipeline``:
+
+- ``diffusers.<ClassName>``: ``from_pretrained`` resolves ``model_index.json``'s ``_class_name`` only
+  as ``getattr(diffusers, name)``;
+- ``diffusers.pipelines.<module path>``: for a Hub repo id, the download step accepts a component
+  whose library (the full dotted module path written by ``save_pretrained``) is an attribute of
+  ``diffusers.pipelines``.
+
+A different class already registered under one of our names is never overwritten.
+"""
+
+import sys
+
+import diffusers
+import diffusers.pipelines
+
+from .pipeline_ddpm_plus import DDPMPlusPipeline
+from .scheduling_ddpm_plus import DDPMPlusScheduler, DDPMPlusSchedulerOutput
+
+__version__ = "0.1.0"
+
+__all__ = ["DDPMPlusPipeline", "DDPMPlusScheduler", "DDPMPlusSchedulerOutput", "__version__"]
+
+
+def _register(target, name, obj):
+    existing = target.__dict__.get(name)
+    if existing is not None and existing is not obj:
+        raise ImportError(
+            f"ddpm_plus cannot register {name!r} on {target.__name__}: a different object "
+            f"({existing!r}) is already registered under that name."
+        )
+    setattr(target, name, obj)
+
+
+for _cls in (DDPMPlusPipeline, DDPMPlusScheduler):
+    _register(diffusers, _cls.__name__, _cls)
+    _register(diffusers.pipelines, _cls.__module__, sys.modules[_cls.__module__])
+del _cls
