@@ -1,0 +1,82 @@
+"""Test-suite isolation from the real Hugging Face Hub.
+
+``huggingface_hub`` and ``diffusers`` read ``HF_ENDPOINT`` (and the cache/Xet settings) once, when first
+imported. So, at import of this conftest, before any test module can import them, a loopback
+Hub-protocol server (tests/hub_server.py) is started and the environment points every Hub client, in
+this process and in subprocesses, at it, with an empty temporary ``HF_HOME`` (no cached login, no cached
+models) and no token. Host names of the real Hub are refused by a resolver guard, so no test can reach
+it even through a hard-coded URL.
+
+Fixtures: ``hub_server`` (``.endpoint``, ``.token``, ``.user``, ``.fail(step, ...)``, ``.files(repo_id)``,
+``.requests``; faults are cleared after each test), ``hf_token`` (a valid token, exported as HF_TOKEN
+for the test) and ``hub_repo_id`` (a fresh ``user/name`` repo id).
+"""
+
+import atexit
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+from hub_server import HubServer
+
+if "huggingface_hub" in sys.modules or "diffusers" in sys.modules:
+    raise RuntimeError(
+        "huggingface_hub/diffusers were imported before tests/conftest.py, so they may point at the real "
+        "Hub; remove that import from plugins or the root conftest."
+    )
+
+_SERVER = HubServer().start()
+_HF_HOME = tempfile.mkdtemp(prefix="ddpm_plus_hf_home_")
+for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH", "HF_HUB_OFFLINE",
+             "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_DATASETS_CACHE"):
+    os.environ.pop(_var, None)
+os.environ.update(
+    HF_ENDPOINT=_SERVER.endpoint,
+    HF_HOME=_HF_HOME,
+    HF_HUB_DISABLE_XET="1",  # the test server speaks git-LFS, not Xet (hf_xet is installed)
+    HF_HUB_DISABLE_TELEMETRY="1",
+)
+
+_REAL_GETADDRINFO = socket.getaddrinfo
+
+
+def _no_real_hub(host, *args, **kwargs):
+    name = (host.decode() if isinstance(host, bytes) else str(host or "")).lower().rstrip(".")
+    if name in ("huggingface.co", "hf.co") or name.endswith((".huggingface.co", ".hf.co")):
+        raise OSError(f"tests must not contact the real Hub ({name}); use the hub_server fixture")
+    return _REAL_GETADDRINFO(host, *args, **kwargs)
+
+
+socket.getaddrinfo = _no_real_hub
+
+
+@atexit.register
+def _shutdown() -> None:
+    _SERVER.stop()
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def hub_server():
+    """The session's loopback Hub server; injected faults are cleared before and after the test."""
+    _SERVER.clear_faults()
+    yield _SERVER
+    _SERVER.clear_faults()
+
+
+@pytest.fixture
+def hf_token(hub_server, monkeypatch):
+    """A token the server accepts for ``hub_server.user``, also set as HF_TOKEN during the test."""
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    return hub_server.token
+
+
+@pytest.fixture
+def hub_repo_id(hub_server):
+    """A repo id in the token owner's namespace that does not exist yet."""
+    return f"{hub_server.user}/test-{uuid.uuid4().hex[:10]}"
