@@ -93,9 +93,13 @@ def load_image_dataset(
             raise FileNotFoundError(f"train_data_dir={train_data_dir!r} is not a directory")
         try:
             dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
-        except (datasets.data_files.EmptyDatasetError, ValueError) as err:
-            # EmptyDatasetError: no file with an image extension; ValueError: nothing in `split`.
-            raise ValueError(f"no images found in train_data_dir={train_data_dir!r} (split={split!r}): {err}") from err
+        except datasets.data_files.EmptyDatasetError as err:
+            raise ValueError(f"no image files found in train_data_dir={train_data_dir!r}: {err}") from err
+        except Exception as err:  # e.g. a malformed metadata.csv, or no data in `split`
+            raise ValueError(
+                f"could not load the imagefolder train_data_dir={train_data_dir!r} (split={split!r}): "
+                f"{type(err).__name__}: {err}"
+            ) from err
     if image_column not in dataset.column_names:
         raise ValueError(
             f"image_column={image_column!r} is not a column of the dataset; available columns: {dataset.column_names}"

@@ -263,6 +263,17 @@ def test_corrupt_png_is_named_or_skipped_and_counted(tmp_path, caplog):
         prepare_dataset(ds, ImageTransform(8, 1), skip_bad_images=True, min_size=5)
 
 
+def test_imagefolder_metadata_problems_name_the_folder_or_file(tmp_path):
+    folder = _write_folder(tmp_path / "images")
+    (folder / "metadata.csv").write_text("file_name,text\na_grey.png,ok\nmissing.png,gone\n")
+    ds = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(BadImageError, match=r"missing\.png"):
+        prepare_dataset(ds, ImageTransform(8, 1))
+    (folder / "metadata.csv").write_text('file_name,text\na_grey.png,"unterminated\n')
+    with pytest.raises(ValueError, match=r"could not load the imagefolder train_data_dir=.*images"):
+        load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache2"))
+
+
 def test_missing_image_is_named_by_index():
     image = PIL.Image.fromarray(np.zeros((4, 4), dtype=np.uint8))
     ds = datasets.Dataset.from_dict({"image": [image, None]}, features=datasets.Features({"image": datasets.Image()}))
@@ -272,7 +283,7 @@ def test_missing_image_is_named_by_index():
 
 def test_empty_or_too_small_data_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"no images found in train_data_dir=.*empty"):
+    with pytest.raises(ValueError, match=r"no image files found in train_data_dir=.*empty"):
         load_image_dataset(train_data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="train_data_dir"):
         load_image_dataset(train_data_dir=str(tmp_path / "missing"))
