@@ -217,14 +217,14 @@ class ImageTransform:
             image = image.crop((left, top, left + res, top + res))
         if self.random_flip and bool(torch.rand(1, generator=self.generator) < 0.5):
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).reshape(res, res, self.channels)
+        pixels = np.asarray(image, dtype=np.uint8).reshape(res, res, self.channels)
         if self.num_bins is not None:
             # level k = round(p / 255 * (num_bins - 1)); x = k / (num_bins - 1) * 2 - 1
-            levels = torch.round(pixels.to(torch.float64) * ((self.num_bins - 1) / 255))
-            x = (levels * (2 / (self.num_bins - 1)) - 1).to(torch.float32)
+            levels = np.rint(pixels * ((self.num_bins - 1) / 255))
+            x = (levels * (2 / (self.num_bins - 1)) - 1).astype(np.float32)
         else:
-            x = pixels.to(torch.float32) / 127.5 - 1  # seed, first line
-        return x.permute(2, 0, 1).contiguous()
+            x = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)  # seed, first line
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 class ImageDataset(torch.utils.data.Dataset):
