@@ -118,7 +118,8 @@ class DDPMPlusPipeline(DiffusionPipeline):
                 model_output = model_output[:, :channels]
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample.to(dtype)
             if callback_on_step_end is not None:
-                tensors = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                available = {"latents": latents}
+                tensors = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                 outputs = callback_on_step_end(self, i, t, tensors) or {}
                 latents = outputs.pop("latents", latents)
 
