@@ -30,6 +30,7 @@ DIGITS_SPLITS = ("train", "test", "all")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_STRIDE = 5
 _CHECK_BATCH = 1024  # images per read in prepare_dataset's upfront decode pass
+_DECODER = datasets.Image()
 _RESAMPLE_NAMES = {m.name.lower(): m for m in PIL.Image.Resampling}
 
 
@@ -122,10 +123,12 @@ def decode_image(value, source):
     ``source`` names the image in the :class:`BadImageError` raised when that fails."""
     if value is None:
         raise BadImageError(f"image {source} is missing (None)")
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    elif isinstance(value, (bytes, bytearray)):
         value = {"path": None, "bytes": bytes(value)}
     try:
-        image = datasets.Image().decode_example(value)
+        image = _DECODER.decode_example(value)
         image.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
         raise BadImageError(f"cannot read image {source}: {type(err).__name__}: {err}") from err

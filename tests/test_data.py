@@ -274,6 +274,20 @@ def test_imagefolder_metadata_problems_name_the_folder_or_file(tmp_path):
         load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache2"))
 
 
+def test_path_and_bytes_columns_are_decoded_and_named(tmp_path):
+    folder = _write_folder(tmp_path / "images", corrupt=True)
+    paths = [str(folder / name) for name in ("a_grey.png", "e_truncated.png")]
+    ds = datasets.Dataset.from_dict({"image": paths})
+    with pytest.raises(BadImageError, match=r"e_truncated\.png.*dataset index 1"):
+        prepare_dataset(ds, ImageTransform(8, 1))
+    data = prepare_dataset(ds, ImageTransform(8, 1), skip_bad_images=True)
+    assert len(data) == 1 and data.num_skipped == 1
+    blobs = datasets.Dataset.from_dict({"image": [(folder / "b_rgb.png").read_bytes(), b"not a png"]})
+    with pytest.raises(BadImageError, match=r"at dataset index 1"):
+        prepare_dataset(blobs, ImageTransform(8, 3))
+    assert prepare_dataset(blobs, ImageTransform(8, 3), skip_bad_images=True)[0]["pixel_values"].shape == (3, 8, 8)
+
+
 def test_missing_image_is_named_by_index():
     image = PIL.Image.fromarray(np.zeros((4, 4), dtype=np.uint8))
     ds = datasets.Dataset.from_dict({"image": [image, None]}, features=datasets.Features({"image": datasets.Image()}))
