@@ -58,6 +58,7 @@ class Repo:
     commits: dict  # commit oid -> {path: Entry}
     head: str  # commit oid of main
     created: str
+    lfs_oids: set  # LFS objects uploaded to this repo (the Hub's LFS store is per repo)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class HubServer:
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status) of every request served
         self._faults: list[Fault] = []
         self._counts: dict[str, int] = {}
-        self._tickets: dict[str, str] = {}  # LFS upload ticket -> oid (stands in for a pre-signed S3 URL)
+        self._tickets: dict = {}  # LFS upload ticket -> (repo, oid); stands in for a pre-signed S3 URL
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -215,7 +216,8 @@ class HubServer:
         with self._lock:
             if repo_id in self.repos:
                 raise HubError(409, "You already created this model repo", url=f"{self.endpoint}/{repo_id}")
-            repo = Repo(repo_id, user, private, {}, "0" * 40, time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()))
+            created = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+            repo = Repo(repo_id, user, private, {}, "0" * 40, created, set())
             self._new_commit(repo, {".gitattributes": self._entry(GITATTRIBUTES)}, "initial commit")
             self.repos[repo_id] = repo
         return 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": repo_id}
@@ -247,17 +249,17 @@ class HubServer:
         return 200, {"files": out}
 
     def lfs_batch(self, headers, query, body, repo):
-        self._repo(repo, headers, write=True)
+        r = self._repo(repo, headers, write=True)
         req = json.loads(body)
         if req.get("operation") != "upload":
             raise HubError(400, "only the upload operation is supported")
         objects = []
         for obj in req["objects"]:
             item = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-            if not self._blob(obj["oid"]).exists():
+            if obj["oid"] not in r.lfs_oids:
                 ticket = secrets.token_hex(16)
                 with self._lock:
-                    self._tickets[ticket] = obj["oid"]
+                    self._tickets[ticket] = (r, obj["oid"])
                 item["actions"] = {
                     "upload": {"href": f"{self.endpoint}/_lfs/{obj['oid']}?ticket={ticket}"},
                     "verify": {"href": f"{self.endpoint}/{repo}.git/info/lfs/objects/verify"},
@@ -267,7 +269,7 @@ class HubServer:
 
     def lfs_put(self, headers, query, body, oid, fault=None):
         with self._lock:
-            expected = self._tickets.pop(query.get("ticket", [""])[0], None)
+            repo, expected = self._tickets.pop(query.get("ticket", [""])[0], (None, None))
         if expected != oid:
             raise HubError(403, "upload URL is invalid or was already used")
         if fault is not None and fault.truncate:
@@ -275,13 +277,14 @@ class HubServer:
         if hashlib.sha256(body).hexdigest() != oid:
             raise HubError(400, f"sha256 of the uploaded body does not match {oid} ({len(body)} bytes received)")
         self._store(body)
+        with self._lock:
+            repo.lfs_oids.add(oid)
         return 200, {}
 
     def lfs_verify(self, headers, query, body, repo):
-        self._repo(repo, headers, write=True)
+        r = self._repo(repo, headers, write=True)
         req = json.loads(body)
-        blob = self._blob(req["oid"])
-        if not blob.exists() or blob.stat().st_size != req["size"]:
+        if req["oid"] not in r.lfs_oids or self._blob(req["oid"]).stat().st_size != req["size"]:
             raise HubError(404, f"LFS object {req['oid']} was not uploaded")
         return 200, {}
 
@@ -304,7 +307,7 @@ class HubServer:
                     files[value["path"]] = self._entry(base64.b64decode(value["content"]))
                 elif key == "lfsFile":
                     blob = self._blob(value["oid"])
-                    if not blob.exists() or ("size" in value and blob.stat().st_size != value["size"]):
+                    if value["oid"] not in r.lfs_oids or blob.stat().st_size != value.get("size", blob.stat().st_size):
                         raise HubError(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
                     size = blob.stat().st_size
                     files[value["path"]] = Entry(size, value["oid"], True, git_blob_sha1(lfs_pointer(value["oid"], size)))

@@ -1,0 +1,227 @@
+"""Model cards and Hub pushes for a training output directory.
+
+An output directory holds the final pipeline at its root (``model_index.json``, ``scheduler/``, ``unet/``),
+``README.md`` (the model card), ``samples/*.png`` and training state (``checkpoint-*``, ``logs/``).
+Only the pipeline, the card and the last sample grid are ever pushed; training state never is.
+Everything goes through ``huggingface_hub`` (endpoint, token and cache settings as usual).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from concurrent.futures import Future
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any, Mapping
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
+
+TEMPLATE = "ddpm_plus_unconditional.md"
+CARD_TAGS = ["ddpm_plus", "diffusers", "unconditional-image-generation"]
+# What a push uploads, relative to the output directory (fnmatch patterns, as huggingface_hub uses them)...
+PUSH_ALLOW_PATTERNS = ["model_index.json", "scheduler/*.json", "unet/*.json", "unet/*.safetensors"]
+# ...and what it never uploads, even if matched above (training state, pickles).
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "*/checkpoint-*", "logs/*", "*.bin", "*.pt", "*.pth", "*.pkl",
+                        "*.ckpt", "*optimizer*", "*scheduler.bin", "*random_states*"]
+_FROM_PRETRAINED = re.compile(r'(DiffusionPipeline\.from_pretrained\()"[^"\n]*"')
+_SECRET_KEYS = re.compile(r"token|secret|password", re.IGNORECASE)
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the local output directory is untouched."""
+
+
+# ----------------------------------------------------------------------------- model card
+def _template(name: str) -> str:
+    try:
+        return resources.files("ddpm_plus.model_cards").joinpath(name).read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        # Source checkout that is not pip-installed: the folder sits beside the package
+        # (pyproject.toml maps it to ddpm_plus.model_cards in installed copies).
+        return (Path(__file__).resolve().parent.parent / "model_cards" / name).read_text(encoding="utf-8")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: Mapping[str, Any], header: tuple[str, str]) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def describe_hardware(num_processes: int = 1) -> str:
+    """E.g. ``1 × NVIDIA H100 80GB HBM3`` or ``CPU (x86_64, 2 cores)``, for the model card."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{num_processes} × {torch.cuda.get_device_name(0)}"
+    procs = f", {num_processes} processes" if num_processes > 1 else ""
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores{procs})"
+
+
+def render_model_card(
+    repo_id: str | None = None,
+    *,
+    training_config: Mapping[str, Any] | None = None,
+    dataset_name: str | None = None,
+    dataset_description: str | None = None,
+    license: str = "apache-2.0",
+    hardware: str | None = None,
+    train_steps: int | None = None,
+    images_per_second: float | None = None,
+    final_loss: float | None = None,
+    eval_results: Mapping[str, float] | None = None,
+    sample_grid: str | None = None,
+) -> str:
+    """The model card (README.md text) of a trained ddpm_plus pipeline.
+
+    ``dataset_name`` is a Hub dataset id (goes into the ``datasets`` metadata); ``dataset_description``
+    is free text for data not on the Hub (e.g. the bundled digits). ``training_config`` is the training
+    arguments (keys naming tokens, secrets or passwords are left out). ``eval_results`` maps a figure's
+    name to its value. ``sample_grid`` is the grid's path relative to the repo root.
+    """
+    data = ModelCardData(
+        library_name="diffusers",
+        license=license,
+        tags=list(CARD_TAGS),
+        pipeline_tag="unconditional-image-generation",
+        datasets=[dataset_name] if dataset_name else None,
+    )
+    config = {k: v for k, v in sorted((training_config or {}).items()) if not _SECRET_KEYS.search(k)}
+    unknown = "not recorded"
+    values = {
+        "card_data": data.to_yaml(),
+        "title": f"{repo_id.split('/')[-1]} (ddpm_plus)" if repo_id else "ddpm_plus unconditional image model",
+        "repo_id": repo_id or "path/to/output_dir",
+        "samples": f"![Sample grid]({sample_grid})" if sample_grid else "No sample grid was saved.",
+        "dataset": dataset_name or dataset_description or unknown,
+        "hardware": hardware or unknown,
+        "train_steps": unknown if train_steps is None else f"{train_steps:,}",
+        "images_per_second": unknown if images_per_second is None else f"{images_per_second:.1f} images/s",
+        "final_loss": unknown if final_loss is None else f"{final_loss:.5g}",
+        "training_config": _table(config, ("argument", "value")) if config else "Not recorded.",
+        "evaluation": _table(dict(eval_results), ("metric", "value")) if eval_results else "Not evaluated.",
+    }
+    text = Template(_template(TEMPLATE)).substitute(values)
+    ModelCard(text, ignore_metadata_errors=False)  # parses the YAML block: fails here, not on the Hub
+    return text
+
+
+def latest_sample_grid(output_dir: str | os.PathLike) -> str | None:
+    """Path (relative, POSIX) of the last sample grid in ``output_dir/samples``: highest step number in
+    the file name, then the newest file."""
+    grids = list((Path(output_dir) / "samples").glob("*.png"))
+    if not grids:
+        return None
+    key = lambda p: ([int(n) for n in re.findall(r"\d+", p.stem)], p.stat().st_mtime)  # noqa: E731
+    return max(grids, key=key).relative_to(output_dir).as_posix()
+
+
+def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, **card_kwargs) -> Path:
+    """Render the card into ``output_dir/README.md`` (the last sample grid is found if not given)."""
+    card_kwargs.setdefault("sample_grid", latest_sample_grid(output_dir))
+    path = Path(output_dir) / "README.md"
+    path.write_text(render_model_card(repo_id, **card_kwargs), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- push
+def files_to_push(output_dir: str | os.PathLike) -> list[str]:
+    """The relative paths a push uploads: pipeline files, README.md and the last sample grid."""
+    root = Path(output_dir)
+    present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    chosen = list(filter_repo_objects(present, allow_patterns=PUSH_ALLOW_PATTERNS + ["README.md"],
+                                      ignore_patterns=PUSH_IGNORE_PATTERNS))
+    grid = latest_sample_grid(root)
+    return chosen + ([grid] if grid else [])
+
+
+def _fail(what: str, output_dir: Path, repo_id: str) -> HubPushError:
+    return HubPushError(
+        f"Pushing {output_dir} to the Hub repo {repo_id!r} failed: {what}. Nothing was changed or deleted "
+        f"locally: every file in {output_dir} is intact. Push it again later with: "
+        f"python training/push_to_hub.py {output_dir} --hub_model_id {repo_id}"
+    )
+
+
+def _operations(root: Path, repo_id: str) -> list[CommitOperationAdd]:
+    """Snapshot the files to push (contents read now, so training may go on writing meanwhile)."""
+    paths = files_to_push(root)
+    if "model_index.json" not in paths:
+        raise _fail("it holds no pipeline (model_index.json is missing)", root, repo_id)
+    if not any(p.startswith("unet/") and p.endswith(".safetensors") for p in paths):
+        raise _fail("unet/ holds no .safetensors weights (only safetensors are pushed)", root, repo_id)
+    ops = [CommitOperationAdd(p, (root / p).read_bytes()) for p in paths if p != "README.md"]
+    if "README.md" in paths:  # point the card's usage snippet at the repo it is pushed to
+        card = _FROM_PRETRAINED.sub(rf'\1"{repo_id}"', (root / "README.md").read_text(encoding="utf-8"))
+    else:
+        card = render_model_card(repo_id, sample_grid=latest_sample_grid(root))
+    ops.append(CommitOperationAdd("README.md", card.encode("utf-8")))
+    return ops
+
+
+def _push(api: HfApi, ops, root: Path, repo_id: str, private: bool, commit_message: str):
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if private and not api.model_info(repo_url.repo_id).private:
+            raise _fail("the repo already exists and is public, but a private repo was asked for", root, repo_id)
+        return api.create_commit(repo_url.repo_id, ops, commit_message=commit_message)
+    except HubPushError:
+        raise
+    except Exception as err:  # any client/HTTP/network error becomes one error type with one message
+        raise _fail(_describe(err), root, repo_id) from err
+
+
+def _describe(err: BaseException) -> str:
+    """One line from an exception and the errors it wraps, down to the Hub's HTTP error."""
+    parts = []
+    while err is not None and len(parts) < 4:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and "For more information" not in ln]
+        parts.append(f"{type(err).__name__}: {' '.join(lines)}")
+        if isinstance(err, HfHubHTTPError):
+            if err.response is not None and err.response.status_code in (401, 403):
+                parts[-1] += " (check that the token is valid and may write to this namespace)"
+            break
+        err = err.__cause__
+    return " <- ".join(parts)
+
+
+def push_output_dir(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload ddpm_plus pipeline",
+    run_as_future: bool = False,
+):
+    """Create ``repo_id`` (private if asked; an existing repo is reused) and push the pipeline, the card
+    (its usage snippet pointed at ``repo_id``) and the last sample grid as one commit.
+
+    Token: ``token``, else HF_TOKEN or the cached login. Returns huggingface_hub's ``CommitInfo``, or with
+    ``run_as_future=True`` a ``Future`` of it (pushes run one after another in a background thread).
+    Raises ``HubPushError`` (also through the future) on any failure; local files are never modified.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        raise HubPushError(f"output_dir {root} is not a directory")
+    token = token or get_token()
+    if not token:
+        raise _fail("no Hugging Face token (pass --hub_token, set HF_TOKEN or run `hf auth login`)", root, repo_id)
+    ops = _operations(root, repo_id)
+    api = HfApi(token=token)
+    if run_as_future:
+        future: Future = api.run_as_future(_push, api, ops, root, repo_id, private, commit_message)
+        return future
+    return _push(api, ops, root, repo_id, private, commit_message)

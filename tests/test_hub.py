@@ -1,0 +1,281 @@
+"""Hub sharing against the loopback Hub-protocol server (tests/hub_server.py) with the real clients:
+huggingface_hub's HfApi/snapshot_download and DiffusionPipeline.from_pretrained."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+import ddpm_plus
+from ddpm_plus.hub import (
+    HubPushError,
+    files_to_push,
+    latest_sample_grid,
+    push_output_dir,
+    render_model_card,
+    write_model_card,
+)
+from diffusers import DiffusionPipeline, UNet2DModel
+
+ROOT = Path(__file__).resolve().parents[1]
+PUSH_CLI = ROOT / "training" / "push_to_hub.py"
+PIPELINE_FILES = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                  "unet/diffusion_pytorch_model.safetensors"}
+
+
+def tree_digest(root: Path) -> dict:
+    """Every file under root -> (sha256, size, mtime_ns): equal digests mean nothing was touched."""
+    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size,
+                                             p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture
+def output_dir(tmp_path):
+    """A training output directory: pipeline files, card and grids, plus training state that must stay local."""
+    out = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    _write(out / "model_index.json", json.dumps({"_class_name": "DDPMPlusPipeline"}).encode())
+    _write(out / "scheduler/scheduler_config.json", b'{"_class_name": "DDPMPlusScheduler"}')
+    _write(out / "unet/config.json", b'{"_class_name": "UNet2DModel"}')
+    _write(out / "unet/diffusion_pytorch_model.safetensors", rng.bytes(4096))
+    _write(out / "unet/diffusion_pytorch_model.bin", rng.bytes(100))  # a pickle: never pushed
+    for step in (100, 1000, 500):
+        _write(out / f"samples/step_{step:06d}.png", rng.bytes(64))
+    _write(out / "checkpoint-10/optimizer.bin", rng.bytes(100))
+    _write(out / "checkpoint-10/model.safetensors", rng.bytes(100))
+    _write(out / "checkpoint-10/unet/config.json", b"{}")
+    _write(out / "checkpoint-10/random_states_0.pkl", rng.bytes(10))
+    _write(out / "logs/train/events.out.tfevents.1.host", rng.bytes(50))
+    _write(out / "logs/scalars.json", b"{}")
+    _write(out / "optimizer.pt", rng.bytes(10))
+    write_model_card(out, None, training_config={"learning_rate": 1e-4, "hub_token": "hf_secret"},
+                     dataset_description="bundled digits")
+    return out
+
+
+def test_server_round_trip_with_the_real_client(hub_server, hub_repo_id, tmp_path):
+    api = HfApi(token=hub_server.token)
+    assert api.whoami()["name"] == hub_server.user
+    url = api.create_repo(hub_repo_id, private=True)
+    assert url.repo_id == hub_repo_id
+    with pytest.raises(HfHubHTTPError) as conflict:
+        api.create_repo(hub_repo_id)
+    assert conflict.value.response.status_code == 409
+    assert api.create_repo(hub_repo_id, exist_ok=True).repo_id == hub_repo_id
+
+    folder = tmp_path / "folder"
+    files = {"config.json": b'{"a": 1}', "weights/model.safetensors": os.urandom(3000), "deep/er/x.txt": b"x"}
+    for name, data in files.items():
+        _write(folder / name, data)
+    before = len(hub_server.requests)
+    api.upload_folder(repo_id=hub_repo_id, folder_path=folder)
+    lfs_put = [r for r in hub_server.requests[before:] if r[0] == "PUT"]
+    assert len(lfs_put) == 1 and lfs_put[0][2] == 200  # the .safetensors went through git-LFS
+
+    assert set(api.list_repo_files(hub_repo_id)) == set(files) | {".gitattributes"}
+    info = api.model_info(hub_repo_id)
+    assert info.private is True and {s.rfilename for s in info.siblings} == set(files) | {".gitattributes"}
+    local = Path(snapshot_download(hub_repo_id, token=hub_server.token, cache_dir=tmp_path / "cache"))
+    assert {n: (local / n).read_bytes() for n in files} == files
+    assert hub_server.files(hub_repo_id)["weights/model.safetensors"] == files["weights/model.safetensors"]
+
+    with pytest.raises(RepositoryNotFoundError):  # private: invisible without the owner's token
+        HfApi().model_info(hub_repo_id, token=False)
+    with pytest.raises(HfHubHTTPError) as unauthorized:
+        HfApi().create_repo(hub_repo_id + "-2", token="hf_not_a_valid_token")
+    assert unauthorized.value.response.status_code == 401
+
+
+def test_push_uploads_only_the_pipeline_card_and_last_grid(hub_server, hub_repo_id, output_dir):
+    assert latest_sample_grid(output_dir) == "samples/step_001000.png"
+    before = tree_digest(output_dir)
+    info = push_output_dir(output_dir, hub_repo_id, private=True, token=hub_server.token)
+    remote = hub_server.files(hub_repo_id)
+    assert info.oid == HfApi(token=hub_server.token).model_info(hub_repo_id).sha
+    assert set(remote) == PIPELINE_FILES | {"README.md", "samples/step_001000.png", ".gitattributes"}
+    for name in PIPELINE_FILES | {"samples/step_001000.png"}:
+        assert remote[name] == (output_dir / name).read_bytes()
+    card = remote["README.md"].decode()
+    assert f'DiffusionPipeline.from_pretrained("{hub_repo_id}")' in card  # snippet points at the pushed repo
+    assert "path/to/output_dir" in (output_dir / "README.md").read_text()  # ... in the upload, not locally
+    assert "hf_secret" not in card and "hub_token" not in card
+    assert HfApi(token=hub_server.token).model_info(hub_repo_id).private is True
+    assert tree_digest(output_dir) == before
+
+
+def test_files_to_push_never_selects_training_state(output_dir):
+    chosen = files_to_push(output_dir)
+    assert set(chosen) == PIPELINE_FILES | {"README.md", "samples/step_001000.png"}
+    assert not any(re.search(r"checkpoint-|logs/|\.bin$|\.pt$|\.pkl$|optimizer", p) for p in chosen)
+
+
+def test_push_without_token_fails_clearly_and_touches_nothing(hub_server, hub_repo_id, output_dir, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    before, served = tree_digest(output_dir), len(hub_server.requests)
+    with pytest.raises(HubPushError, match=r"no Hugging Face token.*intact"):
+        push_output_dir(output_dir, hub_repo_id)
+    assert len(hub_server.requests) == served  # failed before any request
+    with pytest.raises(HubPushError, match=r"(?s)401.*intact"):  # a token the server rejects
+        push_output_dir(output_dir, hub_repo_id, token="hf_not_a_valid_token")
+    assert hub_repo_id not in hub_server.repos
+    assert tree_digest(output_dir) == before
+
+
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        (dict(step="lfs_put", nth=2, truncate=True), r"sha256 of the uploaded body does not match"),
+        (dict(step="commit", status=500), r"500.*injected failure of commit"),
+    ],
+    ids=["interrupted-lfs-upload", "server-error-at-commit"],
+)
+def test_push_fails_mid_upload_clearly_and_can_be_retried(hub_server, hub_repo_id, output_dir, fault, expected):
+    before = tree_digest(output_dir)
+    hub_server.fail(**fault)
+    with pytest.raises(HubPushError, match=rf"(?s){expected}.*every file in .* is intact"):
+        push_output_dir(output_dir, hub_repo_id, token=hub_server.token)
+    assert set(hub_server.files(hub_repo_id)) == {".gitattributes"}  # nothing was committed
+    assert tree_digest(output_dir) == before
+    hub_server.clear_faults()
+    push_output_dir(output_dir, hub_repo_id, token=hub_server.token)  # the same push, later, succeeds
+    assert PIPELINE_FILES <= set(hub_server.files(hub_repo_id))
+
+
+def test_push_as_future_reports_success_and_failure(hub_server, hub_repo_id, output_dir):
+    future = push_output_dir(output_dir, hub_repo_id, token=hub_server.token, run_as_future=True)
+    assert future.result(timeout=60).oid == HfApi(token=hub_server.token).model_info(hub_repo_id).sha
+    _write(output_dir / "samples/step_002000.png", b"a newer grid")  # something new to commit
+    hub_server.fail("commit", status=503)
+    failing = push_output_dir(output_dir, hub_repo_id, token=hub_server.token, run_as_future=True)
+    with pytest.raises(HubPushError, match="intact"):
+        failing.result(timeout=60)
+
+
+def test_push_refuses_a_directory_without_a_safetensors_pipeline(hub_server, hub_repo_id, output_dir):
+    (output_dir / "unet/diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(HubPushError, match=r"no \.safetensors weights"):
+        push_output_dir(output_dir, hub_repo_id, token=hub_server.token)
+    (output_dir / "model_index.json").unlink()
+    with pytest.raises(HubPushError, match="model_index.json is missing"):
+        push_output_dir(output_dir, hub_repo_id, token=hub_server.token)
+    assert hub_repo_id not in hub_server.repos
+
+
+def test_model_card_metadata_snippet_and_figures():
+    text = render_model_card(
+        "user/ddpm-digits",
+        training_config={"learning_rate": 2e-4, "resolution": 16, "hub_token": "hf_secret", "api_secret": "s"},
+        dataset_name="user/digits", hardware="1 × NVIDIA H100", train_steps=12000, images_per_second=4321.5,
+        final_loss=0.0312, eval_results={"bits_per_dim": 1.234, "frechet_distance_proxy": 5.6},
+        sample_grid="samples/step_012000.png",
+    )
+    card = ModelCard(text)  # parses and validates the YAML block
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert {"ddpm_plus", "unconditional-image-generation", "diffusers"} <= set(card.data.tags)
+    assert card.data.datasets == ["user/digits"] and card.data.license == "apache-2.0"
+    body = card.text
+    snippet = ('import ddpm_plus\nfrom diffusers import DiffusionPipeline\n\n'
+               'pipeline = DiffusionPipeline.from_pretrained("user/ddpm-digits")')
+    assert snippet in body
+    for fact in ("| `learning_rate` | 0.0002 |", "| `resolution` | 16 |", "1 × NVIDIA H100", "12,000",
+                 "4321.5 images/s", "0.0312", "| `bits_per_dim` | 1.234 |", "![Sample grid](samples/step_012000.png)"):
+        assert fact in body
+    assert "hf_secret" not in text and "hub_token" not in text and "api_secret" not in text
+
+    bare = ModelCard(render_model_card())
+    assert bare.data.datasets is None and "Not evaluated." in bare.text and "No sample grid" in bare.text
+
+
+def test_push_cli_exit_codes(hub_server, hub_repo_id, output_dir, monkeypatch, capsys):
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    before = tree_digest(output_dir)
+    failed = subprocess.run([sys.executable, str(PUSH_CLI), str(output_dir), "--hub_model_id", hub_repo_id],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1, failed.stderr
+    assert "error: " in failed.stderr and "no Hugging Face token" in failed.stderr and "intact" in failed.stderr
+    assert tree_digest(output_dir) == before
+
+    # The success path in-process (same main(), saves a second interpreter start-up).
+    monkeypatch.setattr(sys, "argv", ["push_to_hub.py"])
+    namespace = {"__name__": "push_to_hub_cli"}
+    exec(compile(PUSH_CLI.read_text(), str(PUSH_CLI), "exec"), namespace)
+    code = namespace["main"]([str(output_dir), "--hub_model_id", hub_repo_id, "--hub_private_repo",
+                              "--hub_token", hub_server.token])
+    assert code == 0 and hub_repo_id in capsys.readouterr().out
+    assert PIPELINE_FILES <= set(hub_server.files(hub_repo_id)) and hub_server.repos[hub_repo_id].private
+
+
+OFFLINE_LOAD = """
+import sys, numpy as np, torch
+import ddpm_plus
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], cache_dir=sys.argv[2])
+assert type(pipe).__name__ == "DDPMPlusPipeline" and type(pipe.scheduler).__name__ == "DDPMPlusScheduler"
+images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=4, output_type="np").images
+np.save(sys.argv[3], images)
+"""
+
+
+def test_pipeline_round_trip_through_the_hub_and_offline_cache(hub_server, hf_token, hub_repo_id, tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    local = ddpm_plus.DDPMPlusPipeline(unet=unet, scheduler=ddpm_plus.DDPMPlusScheduler())
+    out = tmp_path / "run"
+    local.save_pretrained(out)
+    write_model_card(out, hub_repo_id, training_config={"resolution": 8})
+
+    def sample(pipe):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(batch_size=2, generator=generator, num_inference_steps=4, output_type="np").images
+
+    push_output_dir(out, hub_repo_id, private=True)  # token from HF_TOKEN
+    cache = tmp_path / "fresh_cache"
+    loaded = DiffusionPipeline.from_pretrained(hub_repo_id, cache_dir=cache)
+    assert type(loaded) is ddpm_plus.DDPMPlusPipeline
+    assert type(loaded.scheduler) is ddpm_plus.DDPMPlusScheduler
+    expected = sample(local)
+    np.testing.assert_array_equal(sample(loaded), expected)
+
+    # Offline: HF_HUB_OFFLINE is read at import, hence a subprocess; it must load from the cache alone.
+    served = len(hub_server.requests)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", OFFLINE_LOAD, hub_repo_id, str(cache), str(tmp_path / "off.npy")],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "off.npy"), expected)
+    assert len(hub_server.requests) == served  # not one request reached the server
+
+
+def test_model_card_templates_are_packaged():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools_cfg = pyproject["tool"]["setuptools"]
+    assert setuptools_cfg["package-dir"]["ddpm_plus.model_cards"] == "model_cards"
+    assert setuptools_cfg["package-data"]["ddpm_plus.model_cards"] == ["*.md"]
+    assert (ROOT / "model_cards" / "ddpm_plus_unconditional.md").is_file()
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists packages explicitly (to map model_cards/ in): a new subpackage must be added there."""
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ddpm_plus").rglob("*.py")}
+    assert on_disk <= packages, f"add {sorted(on_disk - packages)} to [tool.setuptools] packages in pyproject.toml"
