@@ -12,7 +12,6 @@ file is reported (by path, else by dataset index) or skipped and counted up fron
 
 import logging
 import os
-from io import BytesIO
 
 import datasets
 import numpy as np
@@ -183,7 +182,9 @@ class ImageTransform:
             raise ValueError(f"channels must be 1 or 3, got channels={channels!r}")
         if isinstance(resample, str):
             if resample.lower() not in _RESAMPLE_NAMES:
-                raise ValueError(f"resample must be None or one of {sorted(_RESAMPLE_NAMES)}, got resample={resample!r}")
+                raise ValueError(
+                    f"resample must be None or one of {sorted(_RESAMPLE_NAMES)}, got resample={resample!r}"
+                )
             resample = _RESAMPLE_NAMES[resample.lower()]
         elif resample is not None:
             resample = PIL.Image.Resampling(resample)
