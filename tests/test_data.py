@@ -71,6 +71,8 @@ def test_digits_tensor_is_exactly_on_the_17_level_grid():
     up = reference.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
     assert x16.shape == (360, 3, 16, 16)
     assert all(torch.equal(x16[:, c], up) for c in range(3))
+    x12 = digits_heldout_tensor(resolution=12)  # not a multiple of 8: BICUBIC, snapped back to the grid
+    assert x12.shape == (360, 1, 12, 12) and _on_grid17(x12)
     # The training path (default source, random crop/flip) stays on the grid too.
     data = prepare_dataset(
         load_image_dataset(), ImageTransform(32, 1, random_flip=True, num_bins=DIGITS_NUM_BINS), min_size=128
