@@ -9,6 +9,7 @@ Everything goes through ``huggingface_hub`` (endpoint, token and cache settings 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -100,6 +101,7 @@ def render_model_card(
     )
     config = {k: v for k, v in sorted((training_config or {}).items()) if not _SECRET_KEYS.search(k)}
     unknown = "not recorded"
+    known = lambda v: v is not None and math.isfinite(v)  # noqa: E731 (NaN = not measured)
     values = {
         "card_data": data.to_yaml(),
         "title": f"{repo_id.split('/')[-1]} (ddpm_plus)" if repo_id else "ddpm_plus unconditional image model",
@@ -108,8 +110,8 @@ def render_model_card(
         "dataset": dataset_name or dataset_description or unknown,
         "hardware": hardware or unknown,
         "train_steps": unknown if train_steps is None else f"{train_steps:,}",
-        "images_per_second": unknown if images_per_second is None else f"{images_per_second:.1f} images/s",
-        "final_loss": unknown if final_loss is None else f"{final_loss:.5g}",
+        "images_per_second": f"{images_per_second:.1f} images/s" if known(images_per_second) else unknown,
+        "final_loss": f"{final_loss:.5g}" if known(final_loss) else unknown,
         "training_config": _table(config, ("argument", "value")) if config else "Not recorded.",
         "evaluation": _table(dict(eval_results), ("metric", "value")) if eval_results else "Not evaluated.",
     }
@@ -129,10 +131,13 @@ def latest_sample_grid(output_dir: str | os.PathLike) -> str | None:
 
 
 def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, **card_kwargs) -> Path:
-    """Render the card into ``output_dir/README.md`` (the last sample grid is found if not given)."""
+    """Render the card into ``output_dir/README.md`` (the last sample grid is found if not given).
+
+    Without ``repo_id`` the usage snippet loads ``output_dir`` itself; a push points it at the repo.
+    """
     card_kwargs.setdefault("sample_grid", latest_sample_grid(output_dir))
     path = Path(output_dir) / "README.md"
-    path.write_text(render_model_card(repo_id, **card_kwargs), encoding="utf-8")
+    path.write_text(render_model_card(repo_id or Path(output_dir).as_posix(), **card_kwargs), encoding="utf-8")
     return path
 
 
@@ -164,7 +169,7 @@ def _operations(root: Path, repo_id: str) -> list[CommitOperationAdd]:
         raise _fail("unet/ holds no .safetensors weights (only safetensors are pushed)", root, repo_id)
     ops = [CommitOperationAdd(p, (root / p).read_bytes()) for p in paths if p != "README.md"]
     if "README.md" in paths:  # point the card's usage snippet at the repo it is pushed to
-        card = _FROM_PRETRAINED.sub(rf'\1"{repo_id}"', (root / "README.md").read_text(encoding="utf-8"))
+        card = _FROM_PRETRAINED.sub(lambda m: f'{m[1]}"{repo_id}"', (root / "README.md").read_text(encoding="utf-8"))
     else:
         card = render_model_card(repo_id, sample_grid=latest_sample_grid(root))
     ops.append(CommitOperationAdd("README.md", card.encode("utf-8")))

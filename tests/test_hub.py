@@ -5,9 +5,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +115,7 @@ def test_push_uploads_only_the_pipeline_card_and_last_grid(hub_server, hub_repo_
         assert remote[name] == (output_dir / name).read_bytes()
     card = remote["README.md"].decode()
     assert f'DiffusionPipeline.from_pretrained("{hub_repo_id}")' in card  # snippet points at the pushed repo
-    assert "path/to/output_dir" in (output_dir / "README.md").read_text()  # ... in the upload, not locally
+    assert f'from_pretrained("{output_dir}")' in (output_dir / "README.md").read_text()  # ...in the upload only
     assert "hf_secret" not in card and "hub_token" not in card
     assert HfApi(token=hub_server.token).model_info(hub_repo_id).private is True
     assert tree_digest(output_dir) == before
@@ -266,12 +268,20 @@ def test_pipeline_round_trip_through_the_hub_and_offline_cache(hub_server, hf_to
     assert len(hub_server.requests) == served  # not one request reached the server
 
 
-def test_model_card_templates_are_packaged():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    setuptools_cfg = pyproject["tool"]["setuptools"]
-    assert setuptools_cfg["package-dir"]["ddpm_plus.model_cards"] == "model_cards"
-    assert setuptools_cfg["package-data"]["ddpm_plus.model_cards"] == ["*.md"]
-    assert (ROOT / "model_cards" / "ddpm_plus_unconditional.md").is_file()
+def test_wheel_ships_the_model_card_templates(tmp_path):
+    """A non-editable install gets the templates: build the wheel (setuptools, as pip would) and look inside."""
+    src = tmp_path / "src"
+    for name in ("ddpm_plus", "model_cards"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    build = f"from setuptools import build_meta; print(build_meta.build_wheel({str(tmp_path)!r}))"
+    done = subprocess.run([sys.executable, "-c", build], cwd=src, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with zipfile.ZipFile(tmp_path / done.stdout.strip().splitlines()[-1]) as wheel:
+        shipped = wheel.read("ddpm_plus/model_cards/ddpm_plus_unconditional.md")
+        assert "ddpm_plus/hub.py" in wheel.namelist()
+    assert shipped == (ROOT / "model_cards" / "ddpm_plus_unconditional.md").read_bytes()
 
 
 def test_every_subpackage_is_packaged():
