@@ -34,6 +34,11 @@ _FROM_PRETRAINED = re.compile(r'(DiffusionPipeline\.from_pretrained\()"[^"\n]*"'
 _SECRET_KEYS = re.compile(r"token|secret|password", re.IGNORECASE)
 
 
+# Its run_as_future queue (one worker) runs every push of this process in call order, background or not,
+# so a slow push of an older checkpoint can never land after a newer one.
+_PUSH_QUEUE = HfApi()
+
+
 class HubPushError(RuntimeError):
     """A push to the Hub failed; the local output directory is untouched."""
 
@@ -215,7 +220,8 @@ def push_output_dir(
     (its usage snippet pointed at ``repo_id``) and the last sample grid as one commit.
 
     Token: ``token``, else HF_TOKEN or the cached login. Returns huggingface_hub's ``CommitInfo``, or with
-    ``run_as_future=True`` a ``Future`` of it (pushes run one after another in a background thread).
+    ``run_as_future=True`` a ``Future`` of it. The files are read when this is called; pushes then run
+    one at a time in call order in a background thread (a blocking push waits for earlier ones).
     Raises ``HubPushError`` (also through the future) on any failure; local files are never modified.
     """
     root = Path(output_dir)
@@ -225,8 +231,5 @@ def push_output_dir(
     if not token:
         raise _fail("no Hugging Face token (pass --hub_token, set HF_TOKEN or run `hf auth login`)", root, repo_id)
     ops = _operations(root, repo_id)
-    api = HfApi(token=token)
-    if run_as_future:
-        future: Future = api.run_as_future(_push, api, ops, root, repo_id, private, commit_message)
-        return future
-    return _push(api, ops, root, repo_id, private, commit_message)
+    future: Future = _PUSH_QUEUE.run_as_future(_push, HfApi(token=token), ops, root, repo_id, private, commit_message)
+    return future if run_as_future else future.result()

@@ -68,6 +68,7 @@ class Fault:
     status: int
     times: int  # how many consecutive requests fail
     truncate: bool  # lfs_put only: keep half the body, so the sha256 check rejects it
+    delay: float  # seconds to wait before answering (with status=None: then answer normally)
 
 
 class HubError(Exception):
@@ -112,11 +113,13 @@ class HubServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    def fail(self, step: str, *, nth: int = 1, status: int = 500, times: int = 1, truncate: bool = False):
+    def fail(self, step: str, *, nth: int = 1, status: int | None = 500, times: int = 1, truncate: bool = False,
+             delay: float = 0.0):
         """Make the `nth` (and the next `times`-1) requests of `step` fail with `status` (counted from now).
 
         `step` is one of STEPS. With ``truncate=True`` (lfs_put only) the body is cut in half instead,
-        as an interrupted upload would be, and the server's own sha256 check answers 400.
+        as an interrupted upload would be, and the server's own sha256 check answers 400. ``delay`` waits
+        that long first; ``status=None`` then serves the request normally (a slow server).
         """
         if step not in STEPS:
             raise ValueError(f"step must be one of {STEPS}, got {step!r}")
@@ -124,7 +127,7 @@ class HubServer:
             raise ValueError("truncate=True only applies to step='lfs_put'")
         with self._lock:
             self._counts[step] = 0
-            self._faults.append(Fault(step, nth, status, times, truncate))
+            self._faults.append(Fault(step, nth, status, times, truncate, delay))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -425,8 +428,10 @@ class _Handler(BaseHTTPRequestHandler):
             groups = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
             try:
                 fault = self.hub._check_fault(step) if step else None
-                if fault is not None and not fault.truncate:
-                    raise HubError(fault.status, f"injected failure of {step} (test fault)")
+                if fault is not None:
+                    time.sleep(fault.delay)
+                    if fault.status is not None and not fault.truncate:
+                        raise HubError(fault.status, f"injected failure of {step} (test fault)")
                 if name == "lfs_put":
                     groups["fault"] = fault
                 status, payload = getattr(self.hub, name)(self.headers, query, body, **groups)

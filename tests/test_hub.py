@@ -169,6 +169,17 @@ def test_push_as_future_reports_success_and_failure(hub_server, hub_repo_id, out
         failing.result(timeout=60)
 
 
+def test_pushes_land_in_call_order(hub_server, hub_repo_id, output_dir):
+    """A slow background push of an older state must not land after a later push."""
+    hub_server.fail("commit", nth=1, status=None, delay=1.0)  # the first commit is slow, not failed
+    older = push_output_dir(output_dir, hub_repo_id, token=hub_server.token, run_as_future=True)
+    _write(output_dir / "unet/diffusion_pytorch_model.safetensors", b"newer weights")
+    newer = push_output_dir(output_dir, hub_repo_id, token=hub_server.token)
+    assert older.done() and older.result().oid != newer.oid
+    assert HfApi(token=hub_server.token).model_info(hub_repo_id).sha == newer.oid
+    assert hub_server.files(hub_repo_id)["unet/diffusion_pytorch_model.safetensors"] == b"newer weights"
+
+
 def test_push_refuses_a_directory_without_a_safetensors_pipeline(hub_server, hub_repo_id, output_dir):
     (output_dir / "unet/diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(HubPushError, match=r"no \.safetensors weights"):
