@@ -65,10 +65,10 @@ class Repo:
 class Fault:
     step: str
     nth: int  # the first request of `step` (1-based) that fails
-    status: int
+    status: int | None  # None: answer normally (after `delay`)
     times: int  # how many consecutive requests fail
     truncate: bool  # lfs_put only: keep half the body, so the sha256 check rejects it
-    delay: float  # seconds to wait before answering (with status=None: then answer normally)
+    delay: float  # seconds to wait before answering
 
 
 class HubError(Exception):

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -69,6 +70,20 @@ def output_dir(tmp_path):
     write_model_card(out, None, training_config={"learning_rate": 1e-4, "hub_token": "hf_secret"},
                      dataset_description="bundled digits")
     return out
+
+
+def test_every_hub_client_points_at_the_loopback_server(hub_server):
+    import datasets.config
+    import diffusers.utils.constants
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.ENDPOINT == hub_server.endpoint
+    assert diffusers.utils.constants.HUGGINGFACE_CO_RESOLVE_ENDPOINT == hub_server.endpoint
+    assert datasets.config.HF_ENDPOINT == hub_server.endpoint
+    assert huggingface_hub.constants.HF_HUB_DISABLE_XET and not huggingface_hub.constants.HF_HUB_OFFLINE
+    for host in ("huggingface.co", "cdn-lfs.huggingface.co", "hf.co"):
+        with pytest.raises(OSError, match="must not contact the real Hub"):
+            socket.getaddrinfo(host, 443)
 
 
 def test_server_round_trip_with_the_real_client(hub_server, hub_repo_id, tmp_path):
