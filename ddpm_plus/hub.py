@@ -146,6 +146,22 @@ def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, 
     return path
 
 
+def set_card_evaluation(output_dir: str | os.PathLike, eval_results: Mapping[str, float]) -> Path:
+    """Replace the Evaluation section of ``output_dir/README.md`` with a table of ``eval_results``
+    (e.g. from ``ddpm-plus evaluate``), keeping the rest of the card."""
+    path = Path(output_dir) / "README.md"
+    text = path.read_text(encoding="utf-8")
+    start = text.find("\n## Evaluation\n")
+    if start < 0:
+        raise ValueError(f"{path} has no '## Evaluation' section; write it with write_model_card() first")
+    end = text.find("\n## ", start + 1)
+    table = _table(dict(eval_results), ("metric", "value"))
+    text = text[:start] + f"\n## Evaluation\n\n{table}\n" + (text[end:] if end >= 0 else "")
+    ModelCard(text, ignore_metadata_errors=False)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 # ----------------------------------------------------------------------------- push
 def files_to_push(output_dir: str | os.PathLike) -> list[str]:
     """The relative paths a push uploads: pipeline files, README.md and the last sample grid."""

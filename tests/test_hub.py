@@ -26,6 +26,7 @@ from ddpm_plus.hub import (
     latest_sample_grid,
     push_output_dir,
     render_model_card,
+    set_card_evaluation,
     write_model_card,
 )
 from diffusers import DiffusionPipeline, UNet2DModel
@@ -229,6 +230,24 @@ def test_model_card_metadata_snippet_and_figures():
 
     bare = ModelCard(render_model_card())
     assert bare.data.datasets is None and "Not evaluated." in bare.text and "No sample grid" in bare.text
+
+
+def test_evaluation_figures_can_be_added_to_a_written_card(output_dir):
+    assert "Not evaluated." in (output_dir / "README.md").read_text()
+    set_card_evaluation(output_dir, {"bits_per_dim": 1.5, "test_split": "digits/test"})
+    card = ModelCard.load(output_dir / "README.md")
+    assert "| `bits_per_dim` | 1.5 |" in card.text and "| `test_split` | digits/test |" in card.text
+    assert "Not evaluated." not in card.text and "## Training" in card.text and "ddpm_plus" in card.data.tags
+    set_card_evaluation(output_dir, {"bits_per_dim": 1.25})  # replaces, does not append
+    text = (output_dir / "README.md").read_text()
+    assert text.count("## Evaluation") == 1 and "| 1.25 |" in text and "| 1.5 |" not in text
+
+
+def test_push_to_an_existing_public_repo_refuses_private_request(hub_server, hub_repo_id, output_dir):
+    HfApi(token=hub_server.token).create_repo(hub_repo_id, private=False)
+    with pytest.raises(HubPushError, match="already exists and is public"):
+        push_output_dir(output_dir, hub_repo_id, private=True, token=hub_server.token)
+    assert set(hub_server.files(hub_repo_id)) == {".gitattributes"}
 
 
 def test_push_cli_exit_codes(hub_server, hub_repo_id, output_dir, monkeypatch, capsys):
