@@ -30,13 +30,19 @@ __all__ = [
     "bits_per_dim",
 ]
 
-FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (broadcasting)."""
-    mean1, logvar1, mean2, logvar2 = (torch.as_tensor(v) for v in (mean1, logvar1, mean2, logvar2))
+    tensors = [v for v in (mean1, logvar1, mean2, logvar2) if torch.is_tensor(v)]
+    dtype = torch.float64 if not tensors else tensors[0].dtype
+    for v in tensors[1:]:
+        dtype = torch.promote_types(dtype, v.dtype)
+    device = tensors[0].device if tensors else None
+    mean1, logvar1, mean2, logvar2 = (
+        torch.as_tensor(v, dtype=dtype, device=device) for v in (mean1, logvar1, mean2, logvar2)
+    )
     return 0.5 * (
         -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
     )
@@ -84,13 +90,6 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, num_bins: int = 25
     )
 
 
-def _extract(table, timesteps, ndim, device):
-    """table[timesteps] as float64, shaped [B, 1, ..., 1] for broadcasting against ``ndim``-D samples."""
-    table = torch.as_tensor(table).to(device=device, dtype=torch.float64)
-    values = table[timesteps.to(device=device, dtype=torch.long)]
-    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
-
-
 def vb_term_nats(
     scheduler,
     model_output,
@@ -100,12 +99,11 @@ def vb_term_nats(
     prev_timesteps,
     *,
     num_bins: int = 256,
-    decoder_log_variance=None,
 ):
     """Elementwise term of the bound in nats, one timestep per batch element.
 
     Where ``prev_timesteps`` is -1 (the step that ends at x_0): the decoder NLL -log p(x_0|x_1) with the
-    model's mean and log-variance (or ``decoder_log_variance`` if given). Elsewhere:
+    model's mean and log-variance (for fixed types the scheduler's clipped beta~_2, improved DDPM). Elsewhere:
     KL(q(x_prev|x_t, x_0) || p(x_prev|x_t)) with the exact beta' = 1 - abar_t / abar_prev between the two
     timesteps. x_0 is never clipped (``clip_denoised=False``).
     """
@@ -122,18 +120,13 @@ def vb_term_nats(
     model_log_variance = out.log_variance.to(torch.float64)
     is_decoder = (prev_timesteps < 0).reshape((-1,) + (1,) * (x_t.ndim - 1))
 
-    # KL terms. At decoder positions q_posterior's variance is 0; feed it a harmless prev there (the
-    # result is discarded by the torch.where below) so nothing non-finite enters the graph.
-    safe_prev = torch.where(prev_timesteps < 0, torch.zeros_like(prev_timesteps), prev_timesteps)
-    safe_t = torch.where(prev_timesteps < 0, torch.ones_like(timesteps), timesteps)
-    true_mean, _, true_log_variance = scheduler.q_posterior(x_start, x_t, safe_t, prev_timestep=safe_prev)
+    # KL terms (at decoder positions q_posterior's clipped log-variance keeps them finite; discarded there).
+    true_mean, _, true_log_variance = scheduler.q_posterior(x_start, x_t, timesteps, prev_timestep=prev_timesteps)
     kl = normal_kl(
         true_mean.to(torch.float64), true_log_variance.to(torch.float64), model_mean, model_log_variance
     )
-
-    decoder_lv = model_log_variance if decoder_log_variance is None else decoder_log_variance
     decoder_nll = -discretized_gaussian_log_likelihood(
-        x_start, means=model_mean, log_scales=0.5 * torch.as_tensor(decoder_lv, dtype=torch.float64), num_bins=num_bins
+        x_start, means=model_mean, log_scales=0.5 * model_log_variance, num_bins=num_bins
     )
     return torch.where(is_decoder, decoder_nll, kl)
 
@@ -187,16 +180,9 @@ def _model_device_dtype(model, fallback_device):
     return device, dtype
 
 
-def _check_scheduler(scheduler):
-    for name in ("q_posterior", "p_mean_variance", "alphas_cumprod"):
-        if not hasattr(scheduler, name):
-            raise TypeError(
-                f"scheduler {type(scheduler).__name__} has no {name!r}; the bound needs ddpm_plus.DDPMPlusScheduler "
-                "(build one with DDPMPlusScheduler.from_config(scheduler.config))"
-            )
-
-
 def _check_images(images, num_bins):
+    if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 2:
+        raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
     if not torch.is_tensor(images) or images.ndim != 4:
         raise ValueError(f"images must be a 4-D tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
     x = images.to(torch.float64)
@@ -230,32 +216,33 @@ def vlb_terms(
     ``decoder_index``, KL terms L_{t-1} elsewhere), ``decoder_index`` (int), ``prior_bpd`` [B] (L_T at the
     sequence's largest timestep) and ``total_bpd`` [B] = prior + sum of terms.
 
-    On a subsequence tau_0 = 0 < tau_1 < ... < tau_{K-1}, step k uses beta'_k = 1 - abar_{tau_k}/abar_{tau_{k-1}}.
-    One x_t ~ q(x_t|x_0) is drawn per image and term (``generator``), so the total is an unbiased
-    one-sample estimate of the bound. For fixed variance types the decoder uses the clipped posterior
-    variance of improved DDPM (the posterior variance of the sequence's second step, beta~_2 for the full
-    sequence); learned types use the model's own variance.
+    On a subsequence tau_0 = 0 < tau_1 < ... < tau_{K-1}, step k uses beta'_k = 1 - abar_{tau_k}/abar_{tau_{k-1}};
+    the decoder step (0 -> x_0) is the same as on the full chain, with improved DDPM's clipped beta~_2 for
+    fixed variance types. One x_t ~ q(x_t|x_0) is drawn per image and term (``generator``, on CPU, in the
+    same order whatever ``batch_size``), so the total is an unbiased one-sample estimate of the bound.
+    ``scheduler`` may be any scheduler whose config DDPMPlusScheduler accepts (e.g. diffusers'
+    DDPMScheduler): the bound uses a fresh ``DDPMPlusScheduler.from_config(scheduler.config)``.
     """
-    _check_scheduler(scheduler)
+    from .scheduling_ddpm_plus import DDPMPlusScheduler
+
+    scheduler = DDPMPlusScheduler.from_config(scheduler.config)  # fresh: no set_timesteps state
     _check_images(x_start, num_bins)
     num_train = int(scheduler.config.num_train_timesteps)
     seq = _validated_sequence(timesteps, num_train)
     ascending = torch.sort(seq).values
     prev_of = {int(ascending[0]): -1}
     prev_of.update({int(t): int(p) for p, t in zip(ascending[:-1], ascending[1:])})
-    variance_type = scheduler.config.variance_type
     device, model_dtype = _model_device_dtype(model, x_start.device)
     n = x_start.shape[0]
     batch_size = n if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dims = x_start[0].numel()
-    to_bpd = 1.0 / (dims * math.log(2.0))
+    to_bpd = 1.0 / (x_start[0].numel() * math.log(2.0))
     alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).to(torch.float64)
 
-    x0_all = x_start.to(torch.float64)
+    x0_all = x_start.detach().to("cpu", torch.float64)
     terms = torch.zeros(n, seq.numel(), dtype=torch.float64)
-    # L_T (eq. (23) against N(0, I)) at the largest timestep of the sequence.
+    # L_T: KL(q(x_T|x_0) || N(0, I)) with q from eq. (23), at the largest timestep of the sequence.
     abar_top = alphas_cumprod[int(ascending[-1])]
     prior = normal_kl(abar_top.sqrt() * x0_all, torch.log1p(-abar_top), 0.0, 0.0)
     prior_bpd = prior.flatten(1).sum(1) * to_bpd
@@ -265,24 +252,18 @@ def vlb_terms(
     if progress and tqdm is not None:
         iterator = tqdm(iterator, desc="bits/dim", unit="t", leave=False)
     for k, t in iterator:
-        prev = prev_of[t]
+        abar = alphas_cumprod[t]
+        noise = torch.randn(x0_all.shape, generator=generator, dtype=torch.float64)
+        x_t_all = abar.sqrt() * x0_all + (1.0 - abar).sqrt() * noise  # eq. (16)
         for start in range(0, n, batch_size):
             x0 = x0_all[start : start + batch_size].to(device)
-            b = x0.shape[0]
-            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator, device))
-            noise = noise.to(device)
-            abar = alphas_cumprod[t]
-            x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise  # eq. (16)
-            t_batch = torch.full((b,), t, dtype=torch.long, device=device)
+            x_t = x_t_all[start : start + batch_size].to(device)
+            t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
             out = _call_model(model, x_t.to(model_dtype), t_batch).to(torch.float64)
-            decoder_lv = None
-            if prev < 0 and variance_type in FIXED_VARIANCE_TYPES:
-                decoder_lv = _clipped_decoder_log_variance(scheduler, ascending, x0, x_t)
             term = vb_term_nats(
-                scheduler, out, x0, x_t, t_batch, torch.full_like(t_batch, prev),
-                num_bins=num_bins, decoder_log_variance=decoder_lv,
+                scheduler, out, x0, x_t, t_batch, torch.full_like(t_batch, prev_of[t]), num_bins=num_bins
             )
-            terms[start : start + b, k] = term.flatten(1).sum(1).cpu() * to_bpd
+            terms[start : start + x0.shape[0], k] = term.flatten(1).sum(1).cpu() * to_bpd
     return {
         "timesteps": seq,
         "terms_bpd": terms,
@@ -290,21 +271,6 @@ def vlb_terms(
         "prior_bpd": prior_bpd.cpu(),
         "total_bpd": prior_bpd.cpu() + terms.sum(1),
     }
-
-
-def _gen_device(generator, device):
-    return generator.device if generator is not None else device
-
-
-def _clipped_decoder_log_variance(scheduler, ascending, x0, x_t):
-    """log of improved DDPM's decoder variance for fixed types: the posterior variance of the sequence's
-    second step (beta~_2 on the full sequence, beta~' on a subsequence); the table's clipped value if the
-    sequence is only [0]."""
-    if ascending.numel() > 1:
-        t1 = torch.full((x0.shape[0],), int(ascending[1]), dtype=torch.long, device=x0.device)
-        _, _, log_variance = scheduler.q_posterior(x0, x_t, t1, prev_timestep=torch.zeros_like(t1))
-        return log_variance.to(torch.float64)
-    return _extract(scheduler.posterior_log_variance_clipped, torch.zeros(1, dtype=torch.long), x0.ndim, x0.device)
 
 
 def bits_per_dim(
