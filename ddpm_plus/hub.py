@@ -29,11 +29,9 @@ CARD_TAGS = ["ddpm_plus", "diffusers", "unconditional-image-generation"]
 PUSH_ALLOW_PATTERNS = ["model_index.json", "scheduler/*.json", "unet/*.json", "unet/*.safetensors"]
 # ...and what it never uploads, even if matched above (training state, pickles).
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "*/checkpoint-*", "logs/*", "*.bin", "*.pt", "*.pth", "*.pkl",
-                        "*.ckpt", "*optimizer*", "*scheduler.bin", "*random_states*"]
+                        "*.ckpt", "*optimizer*"]
 _FROM_PRETRAINED = re.compile(r'(DiffusionPipeline\.from_pretrained\()"[^"\n]*"')
 _SECRET_KEYS = re.compile(r"token|secret|password", re.IGNORECASE)
-
-
 # Its run_as_future queue (one worker) runs every push of this process in call order, background or not,
 # so a slow push of an older checkpoint can never land after a newer one.
 _PUSH_QUEUE = HfApi()
