@@ -312,8 +312,8 @@ class HubServer:
                     blob = self._blob(value["oid"])
                     if value["oid"] not in r.lfs_oids or blob.stat().st_size != value.get("size", blob.stat().st_size):
                         raise HubError(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
-                    size = blob.stat().st_size
-                    files[value["path"]] = Entry(size, value["oid"], True, git_blob_sha1(lfs_pointer(value["oid"], size)))
+                    size, oid = blob.stat().st_size, value["oid"]
+                    files[value["path"]] = Entry(size, oid, True, git_blob_sha1(lfs_pointer(oid, size)))
                 elif key == "deletedFile":
                     files.pop(value["path"])
                 elif key == "deletedFolder":

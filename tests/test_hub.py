@@ -305,7 +305,8 @@ def test_pipeline_round_trip_through_the_hub_and_offline_cache(hub_server, hf_to
 
     # Offline: HF_HUB_OFFLINE is read at import, hence a subprocess; it must load from the cache alone.
     served = len(hub_server.requests)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", OFFLINE_LOAD, hub_repo_id, str(cache), str(tmp_path / "off.npy")],
                             env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
