@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--down_block_types", nargs="+", default=None, choices=DOWN_BLOCK_TYPES)
     g.add_argument("--up_block_types", nargs="+", default=None, choices=UP_BLOCK_TYPES)
     g.add_argument("--norm_num_groups", type=int, default=32)
+    g.add_argument("--attention_head_dim", type=int, default=None, help="Default: one head per attention layer (DDPM).")
     g.add_argument("--dropout", type=float, default=0.0)
 
     g = p.add_argument_group("diffusion")
@@ -283,6 +284,7 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(Path(args.resume_from_checkpoint).is_dir(),
                f"--resume_from_checkpoint must be 'latest' or a checkpoint directory, got {args.resume_from_checkpoint}")
     _check(not args.push_checkpoints or args.push_to_hub, "--push_checkpoints needs --push_to_hub")
+    _check(not args.push_to_hub or args.hub_model_id, "--push_to_hub needs --hub_model_id (e.g. your-name/ddpm-digits)")
 
 
 def _validate_unet_shape(args: argparse.Namespace) -> None:
@@ -297,6 +299,8 @@ def _validate_unet_shape(args: argparse.Namespace) -> None:
         _check(c >= 1 and c % args.norm_num_groups == 0,
                f"--block_out_channels entries must be positive multiples of --norm_num_groups "
                f"({args.norm_num_groups}), got {args.block_out_channels}")
+    _check(args.attention_head_dim is None or all(c % args.attention_head_dim == 0 for c in args.block_out_channels),
+           f"--attention_head_dim {args.attention_head_dim} must divide every --block_out_channels entry")
     _check(args.resolution % 2 ** (n - 1) == 0,
            f"--resolution {args.resolution} must be divisible by 2**(len(--block_out_channels) - 1) = {2 ** (n - 1)}")
     if args.down_block_types is None and args.up_block_types is None:

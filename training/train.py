@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `training.*` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler  # noqa: E402
+from ddpm_plus import hub  # noqa: E402
 from ddpm_plus.data import DIGITS_NUM_BINS, ImageTransform, load_image_dataset, prepare_dataset  # noqa: E402
 from ddpm_plus.losses import ImportanceSampler, compute_loss  # noqa: E402
 from training import checkpointing as ckpt  # noqa: E402
@@ -230,7 +231,7 @@ def build_unet(args):
             up_block_types=tuple(args.up_block_types),
             norm_num_groups=args.norm_num_groups,
             dropout=args.dropout,
-            attention_head_dim=None,  # one attention head per layer, as in DDPM
+            attention_head_dim=args.attention_head_dim,  # None: one head per layer, as in DDPM
         )
     path = Path(args.model_config_name_or_path)
     subfolder = "unet" if (path / "unet" / "config.json").is_file() else None
@@ -354,6 +355,31 @@ def save_final_pipeline(args, accelerator, unet, ema, noise_scheduler) -> None:
         make_pipeline(model, noise_scheduler).save_pretrained(args.output_dir, safe_serialization=True)
 
 
+def write_card(args, summary, num_processes) -> Path:
+    digits = args.dataset_name is None and args.train_data_dir is None
+    return hub.write_model_card(
+        args.output_dir,
+        repo_id=args.hub_model_id,
+        training_config=vars(args),
+        dataset_name=args.dataset_name,
+        dataset_description=(
+            "scikit-learn's digits (bundled with ddpm_plus: train split, 1,437 images of 8x8 with 17 grey levels)"
+            if digits else f"image folder {args.train_data_dir}" if args.train_data_dir else None
+        ),
+        hardware=hub.describe_hardware(num_processes),
+        train_steps=summary["global_step"],
+        images_per_second=summary["images_per_s"],
+        final_loss=summary["final_loss"],
+    )
+
+
+def push(args, *, run_as_future=False):
+    return hub.push_output_dir(
+        args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+        run_as_future=run_as_future,
+    )
+
+
 def write_extra_state(directory, *, global_step, layout, lr_scheduler, ema, importance_sampler):
     if ema is not None:
         ckpt.save_ema(directory, ema)
@@ -371,7 +397,7 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         return train(args)
-    except (NonFiniteLossError, ValueError) as e:
+    except (NonFiniteLossError, ValueError, hub.HubPushError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from e
 
@@ -466,7 +492,7 @@ def train(args) -> dict:
                     desc="steps")
     start_step, micro_step = global_step, global_step * ga
     interval_start, steps_in_interval = time.perf_counter(), 0
-    train_time, last_loss, last_grid = 0.0, float("nan"), None
+    train_time, last_loss, last_grid, checkpoint_pushes = 0.0, float("nan"), None, []
     first_epoch = global_step // steps_per_epoch
     skip = (global_step % steps_per_epoch) * ga
     unet.train()
@@ -525,6 +551,14 @@ def train(args) -> dict:
                     for old in ckpt.prune_checkpoints(output_dir, args.checkpoints_total_limit):
                         logger.info("removed old checkpoint %s", old)
                     logger.info("saved %s", path)
+                    if args.push_checkpoints and not done:  # current EMA pipeline, uploaded in the background
+                        save_final_pipeline(args, accelerator, unet, ema, noise_scheduler)
+                        write_card(args, {"global_step": global_step, "images_per_s": None, "final_loss": last_loss},
+                                   accelerator.num_processes)
+                        try:
+                            checkpoint_pushes.append(push(args, run_as_future=True))
+                        except hub.HubPushError as e:
+                            logger.warning("checkpoint push not started: %s", e)
             if (args.save_images_steps and global_step % args.save_images_steps == 0) or done:
                 check_finite()
                 if accelerator.is_main_process:
@@ -550,8 +584,15 @@ def train(args) -> dict:
     }
     if accelerator.is_main_process:
         save_final_pipeline(args, accelerator, unet, ema, noise_scheduler)
-        logger.info("saved the pipeline to %s: %s", output_dir, summary)
+        write_card(args, summary, accelerator.num_processes)
+        logger.info("saved the pipeline and model card to %s: %s", output_dir, summary)
     accelerator.end_training()
+    if accelerator.is_main_process and args.push_to_hub:
+        for future in checkpoint_pushes:
+            if future.exception() is not None:
+                logger.warning("a checkpoint push failed (the final push follows): %s", future.exception())
+        commit = push(args)
+        logger.info("pushed %s to %s", output_dir, commit.commit_url)
     return summary
 
 

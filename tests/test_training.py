@@ -1,0 +1,365 @@
+"""training/train.py end to end on the bundled digits, flags/config files/validation, the LR schedule under
+gradient accumulation, float32 noising under bf16 autocast, presets, and Hub-push failure handling.
+
+Helpers here (TINY, run_train, expect_exit) are imported by test_resume.py and test_training_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_PY = REPO / "training" / "train.py"
+CONFIGS = REPO / "training" / "configs"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# A 0.03M-parameter UNet at the digits' native 8x8, with attention at 4x4 so attention layers are covered.
+TINY = [
+    "--resolution", "8", "--channels", "1",
+    "--block_out_channels", "16", "32", "--layers_per_block", "1", "--attention_resolutions", "4",
+    "--norm_num_groups", "8", "--train_batch_size", "8", "--learning_rate", "1e-3", "--lr_warmup_steps", "2",
+    "--logging_steps", "1", "--eval_batch_size", "4", "--eval_inference_steps", "4",
+    "--save_images_steps", "0", "--logger", "none",
+]
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state so the next Accelerator may use other settings."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_train(argv) -> dict:
+    """training/train.py's main, in this process; returns its summary. One intra-op thread: these tiny
+    models are dominated by thread synchronisation, which a busy 2-core machine makes very slow."""
+    from training import train
+
+    reset_accelerate()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+        reset_accelerate()
+
+
+def expect_exit(argv, capsys) -> str:
+    """Run main expecting a non-zero exit; returns stderr."""
+    with pytest.raises(SystemExit) as info:
+        run_train(argv)
+    assert info.value.code not in (0, None)
+    return capsys.readouterr().err
+
+
+def unet_weights(directory) -> dict:
+    return load_file(Path(directory) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_digits_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    summary = run_train(TINY + ["--output_dir", out, "--max_train_steps", 4, "--checkpointing_steps", 2,
+                                "--save_images_steps", 2, "--use_ema", "--ema_max_decay", "0.9",
+                                "--logger", "tensorboard"])
+    assert summary["global_step"] == 4 and math.isfinite(summary["final_loss"]) and summary["images_per_s"] > 0
+
+    # The pipeline at the root, safetensors only; checkpoints, logs, samples, card beside it.
+    assert (out / "model_index.json").is_file()
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPlusPipeline"
+    pipeline_files = [p for d in ("unet", "scheduler") for p in (out / d).iterdir()]
+    weights = [p.name for p in pipeline_files if p.suffix not in (".json",)]
+    assert weights == ["diffusion_pytorch_model.safetensors"]
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
+                and not p.parent.name.startswith("checkpoint-")]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-2.png", "step-4.png"]
+    card = (out / "README.md").read_text()
+    assert "import ddpm_plus" in card and "unconditional-image-generation" in card
+    assert "samples/step-4.png" in card
+
+    # EMA weights went into the pipeline; its config carries no EMA keys.
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert not {"decay", "min_decay", "optimization_step", "inv_gamma", "power", "use_ema_warmup"} & set(config)
+    saved = unet_weights(out)
+    ema = load_file(out / "checkpoint-4" / "ema.safetensors")
+    raw = load_file(out / "checkpoint-4" / "model.safetensors")
+    from diffusers import UNet2DModel
+
+    names = [n for n, _ in UNet2DModel.from_config(config).named_parameters()]  # shadow.i follows parameters()
+    assert len(ema) == len(names) == len(raw)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(saved[name], ema[f"shadow.{i}"], rtol=0, atol=0)
+    assert any(not torch.equal(saved[n], raw[n]) for n in names)
+
+    # A plain DiffusionPipeline.from_pretrained (after `import ddpm_plus`) loads it and samples.
+    import ddpm_plus
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, ddpm_plus.DDPMPlusPipeline)
+    assert isinstance(pipe.scheduler, ddpm_plus.DDPMPlusScheduler)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------------------------ flags
+
+
+def test_config_file_then_command_line_override(tmp_path):
+    from training.args import parse_args
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("resolution: 16\nlearning_rate: 0.01\nrandom_flip: true\nuse_ema: true\n"
+                         "block_out_channels: [32, 64]\nattention_resolutions: []\ncheckpoints_total_limit: null\n")
+    args = parse_args(["--config", str(yaml_file), "--learning_rate", "0.02", "--no-random_flip"])
+    assert (args.resolution, args.learning_rate, args.random_flip, args.use_ema) == (16, 0.02, False, True)
+    assert args.block_out_channels == [32, 64] and args.down_block_types == ["DownBlock2D", "DownBlock2D"]
+    assert args.checkpoints_total_limit is None
+
+    json_file = tmp_path / "c.json"
+    json_file.write_text(json.dumps({"resolution": 8, "block_out_channels": [32, 64], "attention_resolutions": [4]}))
+    args = parse_args(["--config", str(json_file), "--resolution", "16", "--attention_resolutions", "16"])
+    assert args.resolution == 16 and args.down_block_types == ["AttnDownBlock2D", "DownBlock2D"]
+    args = parse_args(["--config", str(json_file)])
+    assert args.down_block_types == ["DownBlock2D", "AttnDownBlock2D"]
+    assert args.up_block_types == ["AttnUpBlock2D", "UpBlock2D"]
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        ("resolution: 8\nlearning_rat: 0.1\nbogus: 1\n", "unknown key(s) bogus, learning_rat"),
+        ("resolution: eight\n", "argument --resolution: invalid int value: 'eight'"),
+        ("prediction_type: eps\n", "argument --prediction_type: invalid choice: 'eps'"),
+        ("use_ema: 1\n", "use_ema must be true or false"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+    ],
+)
+def test_config_file_errors(tmp_path, capsys, config_text, message):
+    from training.args import parse_args
+
+    file = tmp_path / "c.yaml"
+    file.write_text(config_text)
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(file)])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resolution", "0"], "--resolution must be >= 1"),
+        (["--loss", "hybrid"], "need --variance_type learned or learned_range"),
+        (["--variance_type", "learned_range"], "a learned variance needs --loss hybrid or vlb"),
+        (["--variance_type", "fixed_tiny"], "argument --variance_type: invalid choice: 'fixed_tiny'"),
+        (["--beta_start", "0.03", "--beta_end", "0.02"], "0 < beta_start < beta_end < 1"),
+        (["--resolution", "8", "--attention_resolutions", "3"], "--attention_resolutions [3] not among"),
+        (["--block_out_channels", "30", "64"], "multiples of --norm_num_groups (32)"),
+        (["--resolution", "12"], "--resolution 12 must be divisible by"),
+        (["--eval_inference_steps", "2000"], "--eval_inference_steps must be between 1 and --num_train_timesteps"),
+        (["--dataset_name", "x", "--train_data_dir", "."], "at most one of --dataset_name and --train_data_dir"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--ema_decay", "1.5"], "--ema_decay must be in [0, 1)"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+        (["--down_block_types", "DownBlock2D"], "must be given together"),
+        (["--resume_from_checkpoint", "/nonexistent"], "'latest' or a checkpoint directory"),
+        (["--model_config_name_or_path", "/nonexistent"], "not a local directory or JSON file"),
+        (["--num_train_timesteps", "100", "--rescale_betas_for_num_timesteps", "--beta_end", "0.2"], "scheduler flags:"),
+    ],
+)
+def test_validation_errors(capsys, argv, message):
+    from training.args import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_hybrid_preset_refused_until_losses_support_it(monkeypatch, capsys):
+    from ddpm_plus import losses
+    from training.args import parse_args
+
+    preset = str(CONFIGS / "iddpm_cifar10.yaml")
+    args = parse_args(["--config", preset])  # hybrid exists in ddpm_plus.losses now
+    assert (args.loss, args.variance_type, args.num_train_timesteps, args.beta_schedule, args.dropout) == (
+        "hybrid", "learned_range", 4000, "squaredcos_cap_v2", 0.3)
+    assert (args.learning_rate, args.train_batch_size, args.max_train_steps) == (1e-4, 128, 500000)
+    monkeypatch.setattr(losses, "LOSS_TYPES", ("simple",))  # a ddpm_plus without the likelihood work
+    with pytest.raises(SystemExit):
+        parse_args(["--config", preset])
+    assert "--loss hybrid is not available yet" in capsys.readouterr().err
+
+
+def test_ddpm_cifar10_preset_is_the_paper_recipe():
+    from training.args import parse_args
+    from training.train import build_scheduler, build_unet
+
+    args = parse_args(["--config", str(CONFIGS / "ddpm_cifar10.yaml")])
+    unet = build_unet(args)
+    assert sum(p.numel() for p in unet.parameters()) == 35_746_307  # 35.7M, as in the paper
+    assert unet.config.down_block_types == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    assert (unet.config.dropout, unet.config.in_channels, unet.config.out_channels) == (0.1, 3, 3)
+    scheduler = build_scheduler(args)
+    assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.beta_schedule == "linear"
+    assert float(scheduler.betas[0]) == pytest.approx(1e-4) and float(scheduler.betas[-1]) == pytest.approx(0.02)
+    assert (scheduler.config.prediction_type, scheduler.config.variance_type) == ("epsilon", "fixed_large")
+    expected = {
+        "dataset_name": "cifar10", "image_column": "img", "resolution": 32, "random_flip": True,
+        "learning_rate": 2e-4, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 5000,
+        "adam_weight_decay": 0.0, "train_batch_size": 128, "use_ema": True, "ema_decay": 0.9999,
+        "max_grad_norm": 1.0, "max_train_steps": 800_000, "loss": "simple",
+    }
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_learned_variance_unet_has_twice_the_channels(tmp_path):
+    from training.args import parse_args
+    from training.train import build_unet
+
+    args = parse_args(["--resolution", "8", "--block_out_channels", "32", "32", "--variance_type", "learned_range",
+                       "--loss", "hybrid", "--attention_resolutions"])
+    assert (args.channels, build_unet(args).config.out_channels) == (1, 2)
+    # --model_config_name_or_path: a local config whose channels must fit.
+    unet = build_unet(args)
+    unet.save_config(tmp_path)
+    args2 = parse_args(["--resolution", "16", "--variance_type", "learned_range", "--loss", "hybrid",
+                        "--model_config_name_or_path", str(tmp_path)])
+    loaded = build_unet(args2)
+    assert (loaded.config.out_channels, loaded.config.sample_size) == (2, 16)
+    args3 = parse_args(["--resolution", "8", "--model_config_name_or_path", str(tmp_path)])
+    with pytest.raises(ValueError, match="in_channels/out_channels are 1/2"):
+        build_unet(args3)
+
+
+def test_too_small_dataset_is_refused_before_training(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    err = expect_exit(TINY + ["--output_dir", out, "--train_data_dir", folder, "--max_train_steps", 1], capsys)
+    assert "3 readable image(s)" in err and "= 8 images" in err
+    assert not (out / "model_index.json").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_world_size_without_process_group_is_refused(monkeypatch):
+    from training import train
+    from training.args import parse_args
+
+    class SingleProcessAccelerator:
+        num_processes = 1
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "Accelerator", SingleProcessAccelerator)
+    with pytest.raises(SystemExit, match="WORLD_SIZE=2 but accelerate formed a single process"):
+        train.build_accelerator(parse_args(["--output_dir", "unused"]))
+
+
+# ------------------------------------------------------------------------------------------ schedule, precision
+
+
+def test_lr_schedule_counts_optimizer_steps_under_accumulation(tmp_path):
+    """GA=4: warmup of 3 optimizer steps (12 micro-batches) reaches the peak lr exactly at optimizer step 3,
+    and linear decay reaches 0 at --max_train_steps (optimizer steps)."""
+    out = tmp_path / "run"
+    lr = 1e-3
+    run_train(TINY + ["--output_dir", out, "--train_batch_size", 2, "--gradient_accumulation_steps", 4,
+                      "--lr_scheduler", "linear", "--lr_warmup_steps", 3, "--learning_rate", lr,
+                      "--max_train_steps", 5, "--checkpointing_steps", 1])
+    last_lr = {}
+    for step in range(1, 6):
+        state = json.loads((out / f"checkpoint-{step}" / "lr_scheduler.json").read_text())
+        assert state["last_epoch"] == step  # one scheduler step per optimizer step
+        last_lr[step] = state["_last_lr"][0]
+    assert last_lr[1] == pytest.approx(lr / 3) and last_lr[2] == pytest.approx(2 * lr / 3)
+    assert last_lr[3] == lr
+    assert last_lr[4] == pytest.approx(lr / 2) and last_lr[5] == 0.0
+
+
+def test_noising_and_loss_are_float32_under_bf16_autocast(monkeypatch):
+    """Under bf16 mixed precision the UNet runs in bf16 but sees x_t computed in float32: at t = 0,
+    x_t - sqrt(abar_0) x_0 = sqrt(1 - abar_0) eps to float32 precision (bf16 noising would lose it)."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from training import train
+    from training.args import parse_args
+
+    args = parse_args(TINY + ["--output_dir", "unused"])
+    reset_accelerate()
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        unet = train.build_unet(args)
+        scheduler = train.build_scheduler(args)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+        lr_scheduler = get_scheduler("constant", optimizer)
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+
+        real_draw = train.draw_noise_and_timesteps
+        drawn = {}
+
+        def draw_with_t0(*a, **k):
+            noise, timesteps, weights = real_draw(*a, **k)
+            timesteps = timesteps.clone()
+            timesteps[::2] = 0
+            drawn.update(noise=noise, timesteps=timesteps)
+            return noise, timesteps, weights
+
+        seen = {}
+        unet.register_forward_pre_hook(lambda m, inp: seen.update(x_t=inp[0], t=inp[1]))
+        accelerator.unwrap_model(unet).conv_in.register_forward_hook(lambda m, i, out: seen.update(out_dtype=out.dtype))
+        monkeypatch.setattr(train, "draw_noise_and_timesteps", draw_with_t0)
+        x0 = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        result = train.training_step({"pixel_values": x0}, unet, scheduler, optimizer, lr_scheduler, accelerator,
+                                     step_seed=123)
+    finally:
+        reset_accelerate()
+
+    assert seen["out_dtype"] == torch.bfloat16  # autocast was on inside the model
+    assert seen["x_t"].dtype == torch.float32 and result.loss.dtype == torch.float32
+    abar = scheduler.alphas_cumprod.to(torch.float64)[drawn["timesteps"]].view(-1, 1, 1, 1)
+    expected = abar.sqrt() * x0.double() + (1 - abar).sqrt() * drawn["noise"].double()
+    torch.testing.assert_close(seen["x_t"].double(), expected, rtol=0, atol=2e-6)
+    at_t0 = drawn["timesteps"] == 0
+    diff = seen["x_t"][at_t0].double() - math.sqrt(float(scheduler.alphas_cumprod[0])) * x0[at_t0].double()
+    torch.testing.assert_close(diff, math.sqrt(1 - float(scheduler.alphas_cumprod[0])) * drawn["noise"][at_t0].double(),
+                               rtol=0, atol=2e-6)
+    # The same noising in bf16 is off by far more than that tolerance at t = 0 (why it must be float32).
+    bf16 = (math.sqrt(float(scheduler.alphas_cumprod[0])) * x0[at_t0].bfloat16()
+            + math.sqrt(1 - float(scheduler.alphas_cumprod[0])) * drawn["noise"][at_t0].bfloat16())
+    assert (bf16.double() - expected[at_t0]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ Hub
+
+
+def test_failed_push_exits_nonzero_and_keeps_local_files(tmp_path, capsys, hub_server, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    out = tmp_path / "run"
+    err = expect_exit(TINY + ["--output_dir", out, "--max_train_steps", 1, "--push_to_hub",
+                              "--hub_model_id", f"{hub_server.user}/nope"], capsys)
+    assert "no Hugging Face token" in err and "intact" in err
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "checkpoint-1"):
+        assert (out / name).exists(), name
