@@ -1,0 +1,237 @@
+"""Fast ancestral sampling with a ``DDPMPlusPipeline``: half-precision UNet, channels_last, the
+scheduler's per-step coefficients in one device table, and the denoising step captured as a CUDA
+graph (or compiled with ``torch.compile``), with no host synchronisation inside the loop.
+
+    sampler = FastSampler(pipe)                  # bf16 + channels_last + CUDA graph on a GPU
+    images = sampler(batch_size=256, num_inference_steps=1000, generator=g).images
+
+The sampled chain is the scheduler's own (its float64 tables and its formulas, run in float32): the
+noise is drawn from ``generator`` in the same order and shapes as ``DDPMPlusPipeline`` draws it, so a
+float32, non-channels_last ``FastSampler`` reproduces the pipeline's images for the same generator up
+to float32 rounding; other settings change only the UNet's arithmetic (tests/test_fast_paths.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .scheduling_ddpm_plus import DDPMPlusScheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # modes that capture CUDA graphs themselves
+# Columns of the scheduler's per-timestep table that the step reads (DDPMPlusScheduler._table_np).
+_COLUMNS = (
+    "sqrt_alpha_prod", "sqrt_one_minus_alpha_prod", "sqrt_recip_alpha_prod", "sqrt_recipm1_alpha_prod",
+    "coef_x0", "coef_xt", "log_variance_small", "log_variance_large", "log_beta",
+)
+
+
+class FastSampler:
+    """Samples like ``DDPMPlusPipeline.__call__`` with the speed-ups below; build once, call many times.
+
+    dtype: the UNet's dtype (None: bfloat16 on a GPU that supports it, else float32). The chain itself
+        (latents, x̂_0, posterior mean, noise) stays float32.
+    channels_last: run the UNet on NHWC-strided tensors (None: on CUDA, where tensor-core convolutions
+        prefer it; on the CPU it is usually slower).
+    cuda_graph: capture one whole denoising step (UNet + scheduler update) as a CUDA graph and replay it
+        (None: on CUDA unless ``compile`` captures graphs itself; must be False on the CPU).
+    compile: None or a ``torch.compile`` mode for the step ("reduce-overhead" and "max-autotune"
+        capture CUDA graphs themselves). Compilation happens on the first call (about a minute).
+
+    The pipeline is not modified: the sampler works on a converted copy of its UNet (in eval mode,
+    i.e. without dropout) and its own copy of the scheduler.
+    """
+
+    def __init__(self, pipe, *, dtype=None, channels_last=None, cuda_graph=None, compile=None):
+        if not isinstance(pipe.scheduler, DDPMPlusScheduler):
+            raise ValueError(
+                f"FastSampler needs a DDPMPlusScheduler; got {type(pipe.scheduler).__name__}. "
+                "Use the pipeline itself for other schedulers."
+            )
+        self.device = pipe._execution_device
+        on_cuda = self.device.type == "cuda"
+        if dtype is None:
+            dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {DTYPES}; got {dtype!r}.")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"`compile` must be None or one of {COMPILE_MODES}; got {compile!r}.")
+        if channels_last is None:
+            channels_last = on_cuda
+        if cuda_graph is None:
+            cuda_graph = on_cuda and compile not in _GRAPHED_COMPILE_MODES
+        if cuda_graph and not on_cuda:
+            raise ValueError(f"`cuda_graph=True` needs a CUDA device; the pipeline runs on {self.device}.")
+        if cuda_graph and compile in _GRAPHED_COMPILE_MODES:
+            raise ValueError(
+                f"`cuda_graph=True` with compile={compile!r}: that mode captures CUDA graphs itself; "
+                "pass cuda_graph=False, or a compile mode without graphs ('default')."
+            )
+        self.dtype, self.channels_last, self.cuda_graph, self.compile = dtype, channels_last, cuda_graph, compile
+        self.scheduler = DDPMPlusScheduler.from_config(pipe.scheduler.config)
+        unet = pipe.unet
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # nn.Module.to: ModelMixin.to only adds a warning about _keep_in_fp32_modules (empty for UNet2DModel).
+        if getattr(unet, "_keep_in_fp32_modules", None):
+            raise ValueError(f"{type(unet).__name__} keeps modules in float32; FastSampler supports UNet2DModel.")
+        self.unet = torch.nn.Module.to(copy.deepcopy(unet), self.device, dtype, memory_format=memory_format).eval()
+        self.unet.requires_grad_(False)
+        self.unet_config = unet.config
+        self._step_fn = torch.compile(self._step, mode=compile) if compile is not None else self._step
+        T = self.scheduler.config.num_train_timesteps
+        # Device tables with room for every step count: row i = step i of the current schedule.
+        self._table = torch.zeros(T, len(_COLUMNS) + 1, device=self.device, dtype=torch.float32)
+        self._timesteps = torch.zeros(T, device=self.device, dtype=torch.long)
+        self._schedule = None  # num_inference_steps the tables hold
+        self._graphs = {}  # batch_size -> (graph, static buffers)
+
+    # ------------------------------------------------------------------ tables
+    def _load_schedule(self, num_inference_steps: int) -> None:
+        """All steps' coefficients as one float32 device table (float64 on the host before the cast);
+        the last column is 1 where the step adds noise and 0 at the final step (ᾱ_prev = 1)."""
+        if self._schedule == num_inference_steps:
+            return
+        s = self.scheduler
+        s.set_timesteps(num_inference_steps)
+        ts = s.timesteps.cpu().numpy()
+        cols = [s._table_np[k][ts] for k in _COLUMNS] + [(s._table_np["prev"][ts] >= 0).astype(np.float64)]
+        n = len(ts)
+        self._table[:n].copy_(torch.from_numpy(np.stack(cols, axis=1)).to(torch.float32))
+        self._timesteps[:n].copy_(torch.from_numpy(ts.astype(np.int64)))
+        self._schedule = num_inference_steps
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, x, noise, index, class_labels):
+        """x_t -> x_prev for step ``index`` (a 1-element device tensor): the scheduler's ``step`` with
+        coefficients gathered on the device (eqs. 30 and 32 through the scheduler's own helpers)."""
+        s = self.scheduler
+        row = self._table.index_select(0, index)[0]
+        c = {k: row[j] for j, k in enumerate(_COLUMNS)}
+        t = self._timesteps.index_select(0, index)
+        model_output = self.unet(x.to(self.dtype), t, class_labels=class_labels).sample
+        prediction, variance_output = s._split_model_output(model_output, x)
+        x0 = s._predict_x0(prediction, x, c)
+        if s.config.clip_sample or s.config.thresholding:
+            x0 = s._clip_or_threshold(x0)
+        mean = c["coef_x0"] * x0 + c["coef_xt"] * x
+        log_variance = s._log_variance(c, variance_output, torch.float32)
+        std = torch.exp(0.5 * log_variance) * row[len(_COLUMNS)]  # σ = 0 at the final step
+        return mean + std * noise
+
+    def _graph(self, batch_size, shape, class_labels):
+        """The captured step for this batch size: static x, noise, step index and labels, and the graph."""
+        if batch_size not in self._graphs:
+            static = self._buffers(shape, class_labels)
+            x, noise, index, labels = static
+
+            def body():
+                x.copy_(self._step_fn(x, noise, index, labels))
+
+            x.normal_(); noise.normal_()  # finite warm-up data
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up: cuDNN/cuBLAS autotuning and compilation happen here
+                    body()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                body()
+            self._graphs[batch_size] = (graph, static)
+        return self._graphs[batch_size]
+
+    def _buffers(self, shape, class_labels):
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = torch.empty(shape, device=self.device, dtype=torch.float32, memory_format=memory_format)
+        noise = torch.zeros_like(x)
+        index = torch.zeros(1, device=self.device, dtype=torch.long)
+        labels = None if class_labels is None else torch.zeros_like(class_labels)
+        return x, noise, index, labels
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 1000,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        class_labels: torch.Tensor | list[int] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """As ``DDPMPlusPipeline.__call__``; ``output_type="latent"`` returns the final float32 x_0
+        unclamped. Pass a generator on the sampling device to keep noise drawing on the device."""
+        config = self.unet_config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, config.in_channels, height, width)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators but batch_size={batch_size}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}; got {tuple(latents.shape)}.")
+        conditional = config.num_class_embeds is not None or config.class_embed_type is not None
+        if conditional != (class_labels is not None):
+            raise ValueError("Pass `class_labels` (one per image) exactly when the UNet is class-conditional.")
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=self.device).reshape(-1)
+            if class_labels.shape[0] != batch_size:
+                raise ValueError(f"`class_labels` must hold batch_size={batch_size} labels; got {len(class_labels)}.")
+        self._load_schedule(num_inference_steps)  # validates num_inference_steps
+        n = self.scheduler.num_inference_steps
+
+        if latents is None:  # the same draws, in the same order, as DDPMPlusPipeline
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        if self.cuda_graph:
+            graph, (x, noise, index, labels) = self._graph(batch_size, shape, class_labels)
+            if labels is not None:
+                labels.copy_(class_labels)
+        else:
+            graph = None
+            x, noise, index, labels = self._buffers(shape, class_labels)
+            labels = class_labels
+        x.copy_(latents.to(self.device, torch.float32) * self.scheduler.init_noise_sigma)
+        for i in range(n):
+            index.fill_(i)
+            if i < n - 1:  # the last step adds no noise and draws none
+                noise.copy_(randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32))
+            if graph is not None:
+                graph.replay()
+            else:
+                if self.compile in _GRAPHED_COMPILE_MODES:
+                    torch.compiler.cudagraph_mark_step_begin()
+                x.copy_(self._step_fn(x, noise, index, labels))
+
+        if output_type == "latent":
+            image = x.clone(memory_format=torch.contiguous_format)
+        else:
+            image = (x / 2 + 0.5).clamp(0, 1).contiguous()
+            if output_type != "pt":
+                image = image.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    image = DiffusionPipeline.numpy_to_pil(image)
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+def fast_sample(pipe, batch_size: int = 1, num_inference_steps: int = 1000, generator=None, **options):
+    """One-off ``FastSampler(pipe, **sampler_options)(batch_size, num_inference_steps, generator, ...)``.
+
+    ``options`` may hold FastSampler's (dtype, channels_last, cuda_graph, compile) and its call's
+    (latents, class_labels, output_type, return_dict) keywords. Build a FastSampler to sample
+    repeatedly: the UNet copy, CUDA graph and compilation are then made once."""
+    keys = ("dtype", "channels_last", "cuda_graph", "compile")
+    sampler = FastSampler(pipe, **{k: options.pop(k) for k in keys if k in options})
+    return sampler(batch_size, num_inference_steps, generator, **options)
