@@ -1,0 +1,150 @@
+"""Sample-quality proxy for the bundled digits: a small CNN classifier trained on the digits train split,
+and the Frechet distance between Gaussian fits of its penultimate-layer features.
+
+This is a *proxy*, reported as "digits Frechet distance (proxy, not FID)": the features are not
+Inception's, the images are 8x8 digits, and the value depends on the number of samples. Compare it only
+with the reference floor computed the same way (held-out real digits vs the train split).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DigitsClassifier",
+    "load_or_train_digits_classifier",
+    "to_digits_frame",
+    "classifier_features",
+    "frechet_distance",
+    "default_cache_dir",
+]
+
+CLASSIFIER_VERSION = "1"  # bump when the architecture or training recipe changes (new cache file)
+_TRAIN_SEED = 0
+
+
+class DigitsClassifier(nn.Module):
+    """conv(1->16) - conv(16->32) - maxpool - fc(512->32) - fc(32->10) on 8x8 images in [-1, 1]."""
+
+    feature_dim = 32
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 4 * 4, self.feature_dim)
+        self.fc2 = nn.Linear(self.feature_dim, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return F.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.features(x))
+
+
+def default_cache_dir() -> Path:
+    """``$DDPM_PLUS_CACHE`` or ``$XDG_CACHE_HOME/ddpm_plus`` (default ``~/.cache/ddpm_plus``)."""
+    if os.environ.get("DDPM_PLUS_CACHE"):
+        return Path(os.environ["DDPM_PLUS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm_plus"
+
+
+def _digits_arrays(split: str):
+    """(images [N,1,8,8] float32 on the 17-level grid in [-1, 1], labels [N]) of the bundled digits."""
+    from sklearn.datasets import load_digits  # ships its data: no download
+
+    from .data import digits_split_indices
+
+    digits = load_digits()
+    idx = digits_split_indices(split)
+    x = torch.from_numpy(digits.images[idx]).float() / 16.0 * 2.0 - 1.0
+    return x[:, None], torch.from_numpy(digits.target[idx]).long()
+
+
+def _train(epochs: int = 20, batch_size: int = 128) -> DigitsClassifier:
+    """Deterministic CPU training (seeded init and batch order, small random shifts as augmentation)."""
+    g = torch.Generator().manual_seed(_TRAIN_SEED)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TRAIN_SEED)
+        model = DigitsClassifier()
+    x, y = _digits_arrays("train")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for start in range(0, len(x), batch_size):
+            b = perm[start : start + batch_size]
+            shift = torch.randint(-1, 2, (2,), generator=g).tolist()
+            xb = torch.roll(x[b], shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(model(xb), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def _accuracy(model: DigitsClassifier, split: str = "test") -> float:
+    x, y = _digits_arrays(split)
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def load_or_train_digits_classifier(cache_dir: Optional[os.PathLike] = None):
+    """(classifier in eval mode on CPU, its held-out accuracy). Weights are cached as safetensors in
+    ``cache_dir`` (default ``default_cache_dir()``); a missing or unreadable cache is retrained in seconds."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir or default_cache_dir()) / f"digits_classifier_v{CLASSIFIER_VERSION}.safetensors"
+    model = DigitsClassifier()
+    if path.is_file():
+        try:
+            model.load_state_dict(load_file(str(path)))
+            return model.eval(), _accuracy(model)
+        except Exception:  # corrupt or foreign file: retrain and overwrite
+            pass
+    model = _train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return model, _accuracy(model)
+
+
+def to_digits_frame(images: torch.Tensor) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] -> [N, 1, 8, 8] float32: channels averaged, area-resampled to 8x8
+    (exactly the inverse of a nearest upsampling by an integer factor)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    x = images.float().mean(1, keepdim=True)
+    if x.shape[-2:] != (8, 8):
+        x = F.interpolate(x, size=(8, 8), mode="area")
+    return x.clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def classifier_features(model: DigitsClassifier, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    x = to_digits_frame(images.cpu())
+    return torch.cat([model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).double().numpy()
+
+
+def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussian fits (float64)."""
+    if len(feats1) < 2 or len(feats2) < 2:
+        raise ValueError("the Frechet distance needs at least 2 samples on each side")
+    mu1, mu2 = feats1.mean(0), feats2.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(feats1, rowvar=False)), np.atleast_2d(np.cov(feats2, rowvar=False))
+    # Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))): symmetric PSD, robust when S1 or S2 is singular
+    # (fewer samples than feature dimensions), unlike a general matrix square root.
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0.0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
