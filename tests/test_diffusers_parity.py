@@ -345,6 +345,8 @@ def test_compatibles():
     names = {c.__name__ for c in DDPMPlusScheduler().compatibles}
     assert {"DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler", "DDPMPlusScheduler"} <= names
     assert DDPMPlusScheduler.order == 1 and DDPMPlusScheduler().init_noise_sigma == 1.0
+    x = torch.randn(SHAPE)
+    assert torch.equal(DDPMPlusScheduler().scale_model_input(x, 10), x)  # DDPM needs no input scaling
 
 
 @pytest.mark.parametrize("config", [{}, SWAP_CONFIG], ids=["defaults", "custom"])

@@ -139,3 +139,28 @@ def test_respacing_with_other_train_lengths():
             _, var, _ = s.q_posterior(torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), torch.tensor(ts))
             exp = [R.strided(tab, t, p)["post_var"] for t, p in zip(ts, ts[1:] + [-1])]
             np.testing.assert_allclose(var.flatten().numpy(), exp, rtol=1e-9, atol=1e-18)
+
+
+def test_explicit_prev_timestep():
+    """q_posterior / p_mean_variance with an explicit prev_timestep use β' of that pair (−1: to x_0)."""
+    s = DDPMPlusScheduler(variance_type="fixed_large")
+    pairs = [(999, 979), (500, 0), (500, 499), (10, -1), (0, -1), (999, -1)]
+    tt = torch.tensor([t for t, _ in pairs])
+    pp = torch.tensor([p for _, p in pairs])
+    exp = [R.strided(TAB, t, p) for t, p in pairs]
+    shape = (len(pairs), 1, 1, 1)
+    one, zero = torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    m_x0, var, _ = s.q_posterior(one, zero, tt, prev_timestep=pp)
+    m_xt, _, _ = s.q_posterior(zero, one, tt, prev_timestep=pp)
+    np.testing.assert_allclose(m_x0.flatten().numpy(), [e["coef_x0"] for e in exp], rtol=1e-10)
+    np.testing.assert_allclose(m_xt.flatten().numpy(), [e["coef_xt"] for e in exp], rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(var.flatten().numpy(), [e["post_var"] for e in exp], rtol=1e-10, atol=1e-18)
+    pmv = s.p_mean_variance(zero, one, tt, prev_timestep=pp, clip_denoised=False)
+    # fixed_large: β' wherever the pair does not end at x_0
+    got = pmv.variance.flatten().numpy()
+    for i, (t, p) in enumerate(pairs):
+        if p >= 0:
+            assert got[i] == pytest.approx(exp[i]["beta"], rel=1e-10), (t, p)
+    # a scalar timestep with a scalar prev_timestep agrees with the batched call
+    m, _, _ = s.q_posterior(one[:1], zero[:1], 999, prev_timestep=979)
+    assert float(m) == pytest.approx(exp[0]["coef_x0"], rel=1e-10)
