@@ -105,6 +105,22 @@ def test_step_parity(name, steps, spacing, variance_type, prediction_type, clip)
         torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-5, msg=f"prev t={t}")
 
 
+@pytest.mark.parametrize("steps", [None, 50])
+def test_step_parity_learned_range_before_the_final_step(steps):
+    """learned_range is correct in diffusers except at the final step (defect 11): same σ elsewhere."""
+    d, o = pair(variance_type="learned_range", clip_sample=False)
+    with_float64_tables(d)
+    if steps:
+        d.set_timesteps(steps)
+        o.set_timesteps(steps)
+    ts = o.timesteps.tolist()[:-1]
+    for i, t in enumerate(ts[:: max(1, len(ts) // 25)]):
+        out, x = inputs(100 + i)
+        v = torch.rand(SHAPE, generator=torch.Generator().manual_seed(i)) * 2 - 1
+        a, b = both_steps(d, o, torch.cat([out, v], dim=1), t, x, seed=i)
+        torch.testing.assert_close(b.prev_sample, a.prev_sample.float(), rtol=1e-5, atol=1e-5, msg=f"t={t}")
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_step_parity_untouched_diffusers(prediction_type):
     """Against stock diffusers (float32 tables): equal within float32 table rounding (see module note)."""
