@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -363,3 +364,30 @@ def test_failed_push_exits_nonzero_and_keeps_local_files(tmp_path, capsys, hub_s
     assert "no Hugging Face token" in err and "intact" in err
     for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "checkpoint-1"):
         assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("loss", ["hybrid", "vlb"])
+def test_learned_variance_objectives_train_and_checkpoint(tmp_path, loss):
+    out = tmp_path / loss
+    summary = run_train(TINY + ["--output_dir", out, "--max_train_steps", 2, "--checkpointing_steps", 1,
+                                "--variance_type", "learned_range", "--loss", loss])
+    assert summary["global_step"] == 2 and math.isfinite(summary["final_loss"])
+    assert json.loads((out / "unet" / "config.json").read_text())["out_channels"] == 2
+    sampler_state = out / "checkpoint-2" / "importance_sampler.safetensors"
+    assert sampler_state.is_file() == (loss == "vlb")
+    if loss == "vlb":  # the loss-aware sampler's history (8 samples per step) is checkpointed and restored
+        assert int(load_file(sampler_state)["counts"].sum()) == 16
+        resumed = tmp_path / "resumed"
+        resumed.mkdir()
+        shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+        run_train(TINY + ["--output_dir", resumed, "--max_train_steps", 2, "--checkpointing_steps", 1,
+                          "--variance_type", "learned_range", "--loss", loss, "--resume_from_checkpoint", "latest"])
+        for name in ("importance_sampler.safetensors", "model.safetensors"):
+            a, b = load_file(out / "checkpoint-2" / name), load_file(resumed / "checkpoint-2" / name)
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    import ddpm_plus  # noqa: F401
+    from diffusers import DiffusionPipeline
+
+    images = DiffusionPipeline.from_pretrained(out)(batch_size=2, num_inference_steps=3, output_type="np",
+                                                     generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(images).all()

@@ -497,6 +497,8 @@ def train(args) -> dict:
     skip = (global_step % steps_per_epoch) * ga
     unet.train()
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:  # resumed from the last step
+            break
         sampler.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
         epoch_loader.set_epoch(epoch)
@@ -577,7 +579,7 @@ def train(args) -> dict:
     summary = {
         "global_step": global_step,
         "final_loss": last_loss,
-        "images_per_s": trained_steps * layout["samples_per_step"] / train_time if train_time > 0 else float("nan"),
+        "images_per_s": trained_steps * layout["samples_per_step"] / train_time if train_time > 0 else None,
         "unet_parameters": unet_params,
         "num_processes": accelerator.num_processes,
         "last_grid": str(last_grid) if last_grid else None,
