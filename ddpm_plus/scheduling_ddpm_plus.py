@@ -79,6 +79,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
 
     rescale_betas_for_num_timesteps: scale the linear β range by 1000/T (improved-DDPM convention) so
         that a chain with T != 1000 steps still ends near N(0, I). Off by default (diffusers' numbers).
+        The saved config holds the scaled beta_start/beta_end (and the flag reset to False).
 
     Differences from ``DDPMScheduler`` (each is a defect there): all tables in float64; ``add_noise``
     never rounds ᾱ to the sample dtype; ``fixed_large_log``, ``learned`` (log-variance output) and
@@ -111,6 +112,21 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     ):
         self._validate_config()
         betas = self._make_betas()
+        if rescale_betas_for_num_timesteps:
+            # Record the resulting β range instead of the flag, so that every scheduler built from this
+            # config (diffusers' included, which do not know the flag) gets the same schedule.
+            defaults_used = [
+                k for k in self.config.get("_use_default_values", []) if k not in ("beta_start", "beta_end")
+            ]
+            self.register_to_config(
+                beta_start=float(betas[0]),
+                beta_end=float(betas[-1]),
+                rescale_betas_for_num_timesteps=False,
+                _use_default_values=defaults_used,
+            )
+        # diffusers drops a config's keys unknown to another scheduler silently only when the config names
+        # its class; a saved config always does, an in-memory one only with this entry.
+        self.register_to_config(_class_name=type(self).__name__)
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
 
@@ -237,13 +253,15 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         """Exactly ``n`` distinct descending timesteps in [0, T-1] (diffusers' conventions, defects removed)."""
         T, spacing = self.config.num_train_timesteps, self.config.timestep_spacing
         if spacing == "linspace":
-            return np.linspace(T - 1, 0, n).round().astype(np.int64)
+            if n == 1:  # diffusers gives t = 0: one step from pure noise at the least noisy timestep
+                return np.array([T - 1], dtype=np.int64)
+            return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         if spacing == "leading":
             seq = np.arange(n, dtype=np.int64) * (T // n) + self.config.steps_offset
             # With steps_offset > 0 and n = T the top step would be T: lower the offset to stay in range.
             return (seq - max(0, int(seq[-1]) - (T - 1)))[::-1].copy()
-        # "trailing": T-1, T-1-T/n, ... (diffusers' float arange can produce n+1 steps ending at -1)
-        return (np.round(T - np.arange(n) * (T / n)) - 1).astype(np.int64)
+        # "trailing": T-1, T-1-T/n, ...; diffusers' float arange can produce n+1 steps ending at -1: keep n.
+        return (np.round(np.arange(T, 0, -T / n)[:n]) - 1).astype(np.int64)
 
     def _set_sequence(self, seq: np.ndarray, device) -> None:
         T = self.config.num_train_timesteps
