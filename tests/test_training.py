@@ -391,3 +391,16 @@ def test_learned_variance_objectives_train_and_checkpoint(tmp_path, loss):
     images = DiffusionPipeline.from_pretrained(out)(batch_size=2, num_inference_steps=3, output_type="np",
                                                      generator=torch.Generator().manual_seed(0)).images
     assert np.isfinite(images).all()
+
+
+def test_push_at_checkpoints_and_at_the_end(tmp_path, hub_server, hf_token, hub_repo_id):
+    out = tmp_path / "run"
+    run_train(TINY + ["--output_dir", out, "--max_train_steps", 2, "--checkpointing_steps", 1, "--push_to_hub",
+                      "--push_checkpoints", "--hub_model_id", hub_repo_id, "--hub_private_repo"])
+    files = hub_server.files(hub_repo_id)
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md",
+            "samples/step-2.png"} <= set(files)
+    assert not [p for p in files if "checkpoint" in p or p.startswith("logs/") or p.endswith((".bin", ".pkl"))]
+    assert files["unet/diffusion_pytorch_model.safetensors"] == (
+        out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert len(hub_server.repos[hub_repo_id].commits) >= 2  # the step-1 checkpoint push, then the final one
