@@ -164,3 +164,31 @@ def test_explicit_prev_timestep():
     # a scalar timestep with a scalar prev_timestep agrees with the batched call
     m, _, _ = s.q_posterior(one[:1], zero[:1], 999, prev_timestep=979)
     assert float(m) == pytest.approx(exp[0]["coef_x0"], rel=1e-10)
+
+
+@pytest.mark.parametrize("steps", [None, 50])
+def test_per_example_timesteps_in_step(steps):
+    """step() with one timestep per batch element: each row follows its own pair (t → previous_timestep(t))
+    with σ² = β̃', and rows at their final step get no noise."""
+    s = DDPMPlusScheduler(clip_sample=False)
+    if steps:
+        s.set_timesteps(steps)
+    seq = s.timesteps.tolist()
+    ts = [seq[0], seq[len(seq) // 2], seq[-2], seq[-1]]
+    shape = (len(ts), 2, 32, 32)
+    g = torch.Generator().manual_seed(3)
+    out, x = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    tt = torch.tensor(ts)
+    res = s.step(out, tt, x, generator=torch.Generator().manual_seed(4))
+    np.testing.assert_allclose(res.pred_original_sample.numpy(), s.predict_original_sample(out, x, tt).numpy(), rtol=1e-12)
+    noise = res.prev_sample.numpy() - s.p_mean_variance(out, x, tt).mean.numpy()
+    for i, t in enumerate(ts):
+        p = seq[seq.index(t) + 1] if t != seq[-1] else -1
+        assert s.previous_timestep(t) == p
+        if p < 0:
+            assert np.all(noise[i] == 0), "noise added at the final step"
+            continue
+        z = noise[i].ravel() / np.sqrt(R.strided(TAB, t, p)["post_var"])
+        n = z.size
+        assert abs(z.mean()) < 5 / np.sqrt(n), (t, z.mean())
+        assert abs(z.var() - 1) < 5 * np.sqrt(2 / (n - 1)), (t, z.var())
