@@ -18,7 +18,6 @@ expected values comes from ddpm_reference.
 import math
 import zlib
 
-import numpy as np
 import pytest
 import torch
 
