@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="Default: accelerate's config / `accelerate launch --mixed_precision`.")
-    g.add_argument("--allow_tf32", default=False, **bool_flag)
+    g.add_argument("--allow_tf32", default=False, **bool_flag, help="TF32 matmuls/convolutions on NVIDIA GPUs.")
+    g.add_argument("--channels_last", default=False, **bool_flag, help="UNet in channels-last memory format.")
+    g.add_argument("--compile", default=False, **bool_flag,
+                   help="torch.compile the training UNet (fixed shapes: no per-step recompiles).")
 
     g = p.add_argument_group("EMA")
     g.add_argument("--use_ema", default=False, **bool_flag)

@@ -329,9 +329,9 @@ def image_grid(images):
     return make_image_grid([im.resize((size * scale,) * 2, resample=0) for im in images], rows, n // rows)
 
 
-def save_sample_grid(args, accelerator, unet, ema, noise_scheduler, step) -> Path:
-    """Sample ``--eval_batch_size`` images with EMA weights and a respaced scheduler copy; main process only."""
-    model = accelerator.unwrap_model(unet)
+def save_sample_grid(args, model, ema, noise_scheduler, step) -> Path:
+    """Sample ``--eval_batch_size`` images with EMA weights and a respaced scheduler copy; main process only.
+    ``model`` is the unwrapped UNet2DModel (not DDP, not compiled)."""
     path = Path(args.output_dir) / "samples" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
@@ -349,8 +349,7 @@ def save_sample_grid(args, accelerator, unet, ema, noise_scheduler, step) -> Pat
     return path
 
 
-def save_final_pipeline(args, accelerator, unet, ema, noise_scheduler) -> None:
-    model = accelerator.unwrap_model(unet)
+def save_final_pipeline(args, model, ema, noise_scheduler) -> None:
     with ema_weights(ema, model):
         make_pipeline(model, noise_scheduler).save_pretrained(args.output_dir, safe_serialization=True)
 
@@ -418,6 +417,8 @@ def train(args) -> dict:
     loader, sampler, num_images, num_bins = build_dataloader(args, accelerator)
     noise_scheduler = build_scheduler(args)
     unet = build_unet(args)
+    if args.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=accelerator.device.type == "cuda",
@@ -433,7 +434,10 @@ def train(args) -> dict:
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
     )
-    ema = build_ema(args, accelerator.unwrap_model(unet)) if args.use_ema else None
+    model = accelerator.unwrap_model(unet)  # the UNet2DModel itself: EMA, sample grids, saving
+    if args.compile:  # after prepare, so accelerate's wrappers (DDP, autocast) are compiled with it
+        unet = torch.compile(unet, dynamic=False)
+    ema = build_ema(args, model) if args.use_ema else None
     importance_sampler = None
     if args.loss == "vlb":
         importance_sampler = ImportanceSampler(args.num_train_timesteps)
@@ -465,7 +469,7 @@ def train(args) -> dict:
     if args.logger != "none":
         accelerator.init_trackers("train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                    for k, v in vars(args).items()})
-    unet_params = sum(p.numel() for p in accelerator.unwrap_model(unet).parameters())
+    unet_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "%d images, %d processes, %d images per optimizer step, %d steps per epoch, %d steps, UNet %.2fM parameters",
         num_images, accelerator.num_processes, layout["samples_per_step"], steps_per_epoch, max_train_steps,
@@ -554,7 +558,7 @@ def train(args) -> dict:
                         logger.info("removed old checkpoint %s", old)
                     logger.info("saved %s", path)
                     if args.push_checkpoints and not done:  # current EMA pipeline, uploaded in the background
-                        save_final_pipeline(args, accelerator, unet, ema, noise_scheduler)
+                        save_final_pipeline(args, model, ema, noise_scheduler)
                         write_card(args, {"global_step": global_step, "images_per_s": None, "final_loss": last_loss},
                                    accelerator.num_processes)
                         try:
@@ -564,7 +568,7 @@ def train(args) -> dict:
             if (args.save_images_steps and global_step % args.save_images_steps == 0) or done:
                 check_finite()
                 if accelerator.is_main_process:
-                    last_grid = save_sample_grid(args, accelerator, unet, ema, noise_scheduler, global_step)
+                    last_grid = save_sample_grid(args, model, ema, noise_scheduler, global_step)
                 accelerator.wait_for_everyone()
             interval_start += time.perf_counter() - pause_start  # throughput excludes checkpoints and grids
             if done:
@@ -585,7 +589,7 @@ def train(args) -> dict:
         "last_grid": str(last_grid) if last_grid else None,
     }
     if accelerator.is_main_process:
-        save_final_pipeline(args, accelerator, unet, ema, noise_scheduler)
+        save_final_pipeline(args, model, ema, noise_scheduler)
         write_card(args, summary, accelerator.num_processes)
         logger.info("saved the pipeline and model card to %s: %s", output_dir, summary)
     accelerator.end_training()
