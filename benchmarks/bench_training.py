@@ -76,6 +76,7 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
     cuda = device.type == "cuda"
     batch = batch or (128 if cuda else 8)
     steps_per_round = steps_per_round or (5 if cuda else 2)
+    tf32_defaults = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # torch's, untouched
     train, train_args, note = import_trainer()
     notes = [note] if note else []
     precision = "bf16" if cuda else "no"
@@ -127,7 +128,8 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
         unet.train()
 
         def step():
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            # the example sets no TF32 flag: torch's defaults (matmul off, cuDNN convolutions on)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_defaults
             out = None
             for _ in range(steps_per_round):
                 out = stock_fp16_step(unet, optimizer, lr_scheduler, scaler, sched, images, weight_dtype, device)
@@ -152,6 +154,7 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
                 notes.append(f"compiled step failed after {time.time() - start:.1f} s: {type(e).__name__}: {e}")
     losses = {name: fn().item() for name, fn in cases.items()}  # warm-up; finite losses expected
     samples = interleaved(cases, rounds=rounds, warmup=0, device=device)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_defaults
     base = summary(samples[stock_name])["median_s"]
     rows = {name: {"images_per_s": steps_per_round * batch / summary(s)["median_s"],
                    "speedup_vs_diffusers": base / summary(s)["median_s"], "warmup_loss": losses[name]}
