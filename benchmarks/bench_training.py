@@ -85,34 +85,35 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
         "--output_dir", tempfile.mkdtemp(prefix="ddpm_plus_bench_"), "--max_train_steps", "100000",
     ] + (["--allow_tf32"] if cuda else [])
     args = train_args.parse_args(flags)
-    accelerator = train.build_accelerator(args)
+    accelerator = train.build_accelerator(args)  # one per process (accelerate's state is process-wide)
     noise_scheduler = train.build_scheduler(args)
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.rand((batch, args.channels, args.resolution, args.resolution), generator=g, device=device) * 2 - 1
 
-    def ours(channels_last=False, compile=False):
+    def ours(*extra_flags):
+        a = train_args.parse_args(flags + list(extra_flags))
         torch.manual_seed(0)
-        unet = train.build_unet(args).to(device)
-        if channels_last:
+        # the set-up of train.train() for these flags (inline there, so mirrored here line by line)
+        unet = train.build_unet(a).to(device)
+        if a.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
-        # as in train.train(): AdamW, fused on CUDA
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=cuda)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                      weight_decay=a.adam_weight_decay, eps=a.adam_epsilon, fused=cuda)
         unet, optimizer = accelerator.prepare(unet, optimizer)
-        if compile:
+        if a.compile:
             unet = torch.compile(unet, dynamic=False)
-        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                     num_training_steps=args.max_train_steps)
+        lr_scheduler = get_scheduler(a.lr_scheduler, optimizer, num_warmup_steps=a.lr_warmup_steps,
+                                     num_training_steps=a.max_train_steps)
         unet.train()
         counter = iter(range(10**9))
 
         def step():
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(a.allow_tf32)
             out = None
             for _ in range(steps_per_round):
                 out = train.training_step({"pixel_values": images}, unet, noise_scheduler, optimizer, lr_scheduler,
-                                          accelerator, step_seed=next(counter), loss_type=args.loss,
-                                          snr_gamma=args.snr_gamma, max_grad_norm=args.max_grad_norm)
+                                          accelerator, step_seed=next(counter), loss_type=a.loss,
+                                          snr_gamma=a.snr_gamma, max_grad_norm=a.max_grad_norm)
             return out.loss
         return step
 
@@ -137,19 +138,19 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
         return step
 
     stock_name = "diffusers example " + ("fp16 autocast" if cuda else "fp32")
-    ours_name = f"train.py training_step ({'bf16+TF32+fused AdamW' if cuda else 'fp32'})"
+    ours_name = f"train.py {'--mixed_precision bf16 --allow_tf32 (fused AdamW)' if cuda else '(fp32)'}"
     cases = {stock_name: stock(), ours_name: ours()}
-    cases[ours_name + " +channels_last*"] = ours(channels_last=True)
+    cases[ours_name + " --channels_last"] = ours("--channels_last")
     if with_compile:
         if deadline is not None and time.time() + COMPILE_COST_S > deadline:
             notes.append(f"skipped the compiled step: less than {COMPILE_COST_S} s of the time budget left")
         else:
             start = time.time()
             try:
-                fn = ours(channels_last=True, compile=True)
+                fn = ours("--channels_last", "--compile")
                 fn()
                 notes.append(f"compiled step: first call {time.time() - start:.1f} s")
-                cases[ours_name + " +channels_last*+compile*"] = fn
+                cases[ours_name + " --channels_last --compile"] = fn
             except Exception as e:  # record it and keep the eager figures
                 notes.append(f"compiled step failed after {time.time() - start:.1f} s: {type(e).__name__}: {e}")
     losses = {name: fn().item() for name, fn in cases.items()}  # warm-up; finite losses expected
@@ -159,7 +160,6 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
     rows = {name: {"images_per_s": steps_per_round * batch / summary(s)["median_s"],
                    "speedup_vs_diffusers": base / summary(s)["median_s"], "warmup_loss": losses[name]}
             for name, s in samples.items()}
-    notes.append("* = not a train.py flag yet: applied around train.py's own training_step")
     return {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "unet": "tiny" if tiny else "ddpm_cifar10", "batch": batch, "steps_per_round": steps_per_round,
             "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows, "notes": notes}
@@ -168,8 +168,8 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
 def report(r: dict) -> str:
     lines = [f"training ({r['device']}, {r['unet']} UNet, batch {r['batch']}, {r['steps_per_round']} steps per timed "
              f"round, {r['rounds']} interleaved rounds, medians)"]
-    lines.append(f"  {'loop':<62} {'images/s':>10} {'x diffusers':>12}")
+    lines.append(f"  {'loop':<76} {'images/s':>10} {'x diffusers':>12}")
     for name, row in r["rows"].items():
-        lines.append(f"  {name:<62} {row['images_per_s']:>10.1f} {row['speedup_vs_diffusers']:>12.2f}")
+        lines.append(f"  {name:<76} {row['images_per_s']:>10.1f} {row['speedup_vs_diffusers']:>12.2f}")
     lines += [f"  note: {n}" for n in r["notes"]]
     return "\n".join(lines)

@@ -227,3 +227,31 @@ def test_invalid_arguments_fail_early():
         sampler(2, 3, class_labels=[0, 1])
     with pytest.raises(ValueError, match="latents"):
         sampler(2, 3, latents=torch.zeros(1, 3, 8, 8))
+
+
+def test_benchmark_entry_point_runs_every_section_on_tiny_sizes(tmp_path):
+    """benchmarks/run.py end to end on the CPU (tiny UNet, one round): every section produces finite,
+    positive figures from the real code paths (train.py's training_step, the pipelines, FastSampler).
+    It times nothing against a threshold; it keeps the benchmark in step with the APIs it drives."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "run.py"), "--device", "cpu", "--threads", "1", "--rounds", "1",
+           "--sampling_batch", "2", "--sampling_steps", "2", "--training_batch", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for section in ("scheduler", "sampling", "training"):
+        assert "error" not in r[section], r[section]
+    assert set(r["scheduler"]["cases"]) == {"step_int", "step_tensor", "add_noise"}
+    ratios = [c["ratio_ours_over_diffusers"] for c in r["scheduler"]["cases"].values()]
+    assert all(0 < x < math.inf for x in ratios)
+    assert {"diffusers DDPMPipeline fp32", "DDPMPlusPipeline fp32", "fast fp32", "fast bf16"} <= set(r["sampling"]["rows"])
+    assert not r["sampling"]["errors"]
+    assert all(0 < row["ms_per_step"] < math.inf for row in r["sampling"]["rows"].values())
+    rows = r["training"]["rows"]
+    assert len(rows) == 3 and all(math.isfinite(row["warmup_loss"]) and row["images_per_s"] > 0 for row in rows.values())
