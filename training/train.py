@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script: make `training.*` importable
@@ -320,13 +320,20 @@ class ema_weights:
             self.ema.restore(self.model.parameters())
 
 
-def image_grid(images):
-    """Images (PIL) in a near-square grid, each upscaled (nearest) to at least 64 pixels."""
+def image_grid(images, gap: int = 8):
+    """Images (PIL) in a near-square grid, each upscaled (nearest) to at least 64 pixels, with a grey
+    ``gap`` between tiles (diffusers' make_image_grid butts tiles together: digits on black then run
+    into each other)."""
     n = len(images)
-    rows = max(d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0)
+    rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    cols = n // rows
     size = images[0].width
-    scale = max(1, math.ceil(64 / size))
-    return make_image_grid([im.resize((size * scale,) * 2, resample=0) for im in images], rows, n // rows)
+    tile = size * max(1, math.ceil(64 / size))
+    grid = Image.new("RGB", (cols * (tile + gap) + gap, rows * (tile + gap) + gap), (128, 128, 128))
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB").resize((tile, tile), resample=Image.Resampling.NEAREST),
+                   (gap + (i % cols) * (tile + gap), gap + (i // cols) * (tile + gap)))
+    return grid
 
 
 def save_sample_grid(args, model, ema, noise_scheduler, step) -> Path:
