@@ -110,7 +110,8 @@ def sync_check(pipe, batch, steps) -> dict:
 
 def stats_check(pipe, batch, device, steps=50) -> dict:
     """Per-channel mean/std of bf16+channels_last+graph samples vs the fp32 pipeline, same generator,
-    differences in standard errors of the mean (std/sqrt(N)) and of the std (std/sqrt(2N))."""
+    differences in standard errors of the mean (std/sqrt(N)) and of the std (std/sqrt(2N)); and the
+    float32 CUDA-graph sampler's largest pixel difference from the pipeline."""
     ref = pipe(batch, generator=torch.Generator(device).manual_seed(7), num_inference_steps=steps,
                output_type="pt").images.double()
     fast = FastSampler(pipe, dtype=torch.bfloat16, channels_last=True)(
@@ -124,8 +125,12 @@ def stats_check(pipe, batch, device, steps=50) -> dict:
                      "bf16_std": f.std().item(),
                      "z_mean": (f.mean().item() - r.mean().item()) / (sd / math.sqrt(n)),
                      "z_std": (f.std().item() - sd) / (sd / math.sqrt(2 * n))})
+    # The captured float32 chain must reproduce the pipeline itself (same generator, same noise order).
+    graph32 = FastSampler(pipe, dtype=torch.float32, channels_last=False, cuda_graph=True)(
+        batch, steps, torch.Generator(device).manual_seed(7), output_type="pt").images.double()
     return {"steps": steps, "batch": batch, "channels": rows,
-            "max_abs_pixel_diff": (ref - fast).abs().max().item()}
+            "bf16_max_abs_pixel_diff": (ref - fast).abs().max().item(),
+            "fp32_graph_max_abs_pixel_diff": (ref - graph32).abs().max().item()}
 
 
 def _device_name(device) -> str:
@@ -146,5 +151,6 @@ def report(r: dict) -> str:
     if "sync_check" in r:
         lines.append(f"  sync check: {r['sync_check']}")
         zs = [(round(c["z_mean"], 2), round(c["z_std"], 2)) for c in r["stats_check"]["channels"]]
-        lines.append(f"  bf16 vs fp32 stats (z of mean, z of std per channel): {zs}")
+        lines.append(f"  bf16 vs fp32 stats (z of mean, z of std per channel): {zs}; fp32 CUDA-graph sampler vs "
+                     f"pipeline, max |pixel diff|: {r['stats_check']['fp32_graph_max_abs_pixel_diff']:.2e}")
     return "\n".join(lines)
