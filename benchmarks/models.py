@@ -4,6 +4,8 @@ on them (no pretrained weights are downloaded)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import UNet2DModel
 
@@ -20,7 +22,7 @@ TINY = dict(
 )
 # The same shapes as training/train.py flags (for the training benchmark, which builds through train.py).
 TRAIN_FLAGS = {
-    "cifar10": ["--config", "training/configs/ddpm_cifar10.yaml"],
+    "cifar10": ["--config", str(Path(__file__).resolve().parent.parent / "training" / "configs" / "ddpm_cifar10.yaml")],
     "tiny": ["--resolution", "16", "--channels", "3", "--block_out_channels", "32", "64", "--layers_per_block", "1",
              "--attention_resolutions", "8", "--norm_num_groups", "8", "--dropout", "0.1"],
 }

@@ -1,12 +1,12 @@
 """ddpm_plus vs stock diffusers, side by side in one process.
 
     python benchmarks/run.py [--device cpu|cuda] [--only scheduler,sampling,training] [--json out.json]
-                             [--tiny] [--compile] [--threads N] [--budget_s S]
+                             [--unet cifar10|tiny] [--compile] [--threads N] [--budget_s S]
 
 Prints the device, absolute figures and ratios; every comparison is interleaved (rounds alternate the
 variants; medians). The scheduler section always runs on the CPU (batch 64x3x32x32). Sampling and
 training use the DDPM CIFAR-10 UNet (35.7M params; batch 256 / 128) on CUDA and a tiny UNet on the CPU
-(or anywhere with --tiny). --compile adds the torch.compile variants (each costs ~1-2 min of compiling);
+(--unet overrides). --compile adds the torch.compile variants (each costs ~1-2 min of compiling);
 --budget_s skips those that would not fit. No figure here is a pass/fail threshold.
 """
 
@@ -32,7 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="Default: cuda if available.")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"Comma-separated subset of {SECTIONS}.")
     p.add_argument("--json", default=None, help="Write all results to this JSON file (rewritten after each section).")
-    p.add_argument("--tiny", action="store_true", help="Tiny UNet and small batches (default on the CPU).")
+    p.add_argument("--unet", default=None, choices=("cifar10", "tiny"),
+                   help="DDPM CIFAR-10 UNet (35.7M) or a tiny one (0.70M). Default: cifar10 on CUDA, tiny on the CPU.")
+    p.add_argument("--tiny", action="store_true", help="Same as --unet tiny.")
     p.add_argument("--compile", action="store_true", help="Also time the torch.compile variants.")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
     p.add_argument("--rounds", type=int, default=5, help="Interleaved rounds for sampling and training.")
@@ -70,7 +72,7 @@ def main(argv=None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    tiny = args.tiny or device == "cpu"
+    tiny = args.tiny or args.unet == "tiny" or (args.unet is None and device == "cpu")
     deadline = time.time() + args.budget_s if args.budget_s else None
     results = {"environment": environment(device)}
     print(f"# ddpm_plus benchmarks: {results['environment']}", flush=True)
