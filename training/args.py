@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_epochs.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--lr_scheduler", default="cosine", choices=[s.value for s in SchedulerType])
+    g.add_argument("--lr_scheduler", default="cosine",
+                   choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"])  # needs step rules
     g.add_argument("--lr_warmup_steps", type=int, default=500, help="Optimizer steps.")
     g.add_argument("--adam_beta1", type=float, default=0.95)
     g.add_argument("--adam_beta2", type=float, default=0.999)
