@@ -90,7 +90,7 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.rand((batch, args.channels, args.resolution, args.resolution), generator=g, device=device) * 2 - 1
 
-    def ours(*extra_flags):
+    def ours(*extra_flags, compile_mode=None):
         a = train_args.parse_args(flags + list(extra_flags))
         torch.manual_seed(0)
         # the set-up of train.train() for these flags (inline there, so mirrored here line by line)
@@ -101,7 +101,7 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
                                       weight_decay=a.adam_weight_decay, eps=a.adam_epsilon, fused=cuda)
         unet, optimizer = accelerator.prepare(unet, optimizer)
         if a.compile:
-            unet = torch.compile(unet, dynamic=False)
+            unet = torch.compile(unet, dynamic=False, **({"mode": compile_mode} if compile_mode else {}))
         lr_scheduler = get_scheduler(a.lr_scheduler, optimizer, num_warmup_steps=a.lr_warmup_steps,
                                      num_training_steps=a.max_train_steps)
         unet.train()
@@ -153,6 +153,17 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
                 cases[ours_name + " --channels_last --compile"] = fn
             except Exception as e:  # record it and keep the eager figures
                 notes.append(f"compiled step failed after {time.time() - start:.1f} s: {type(e).__name__}: {e}")
+        # Information for choosing a default: the same compiled graph with torch.compile's CUDA graphs
+        # (inductor's cache makes this compile cheap). Not a train.py flag.
+        if cuda and (deadline is None or time.time() + COMPILE_COST_S / 2 < deadline):
+            start = time.time()
+            try:
+                fn = ours("--channels_last", "--compile", compile_mode="reduce-overhead")
+                fn()
+                notes.append(f"compiled step (mode reduce-overhead): first call {time.time() - start:.1f} s")
+                cases[ours_name + " --channels_last --compile + mode=reduce-overhead (not a flag)"] = fn
+            except Exception as e:
+                notes.append(f"reduce-overhead step failed after {time.time() - start:.1f} s: {type(e).__name__}: {e}")
     losses = {name: fn().item() for name, fn in cases.items()}  # warm-up; finite losses expected
     samples = interleaved(cases, rounds=rounds, warmup=0, device=device)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_defaults
