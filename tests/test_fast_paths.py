@@ -4,7 +4,8 @@
 - bf16 / channels_last with the exact Gaussian ε-predictor: output mean and variance match the exact
   linear Gaussian chain (iterated in float64 from ddpm_reference) within sampling error;
 - bf16 with a real (tiny, random-init) UNet: per-channel mean/std match the float32 pipeline's;
-- no host synchronisation inside the loop (CPU proxy: no tensor -> Python conversion is called).
+- no host synchronisation inside the loop (CPU proxy: no tensor -> Python conversion is called);
+- benchmarks/run.py runs end to end on tiny sizes (no timing is asserted).
 CUDA graphs and torch.compile run only on a GPU (benchmarks/gpu_check.sh); their step function is
 the one tested here.
 """
