@@ -17,12 +17,23 @@ import sys
 import diffusers
 import diffusers.pipelines
 
+from .fast_sampling import FastSampler, fast_sample
+from .likelihood import bits_per_dim, vlb_terms
 from .pipeline_ddpm_plus import DDPMPlusPipeline
 from .scheduling_ddpm_plus import DDPMPlusScheduler, DDPMPlusSchedulerOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["DDPMPlusPipeline", "DDPMPlusScheduler", "DDPMPlusSchedulerOutput", "__version__"]
+__all__ = [
+    "DDPMPlusPipeline",
+    "DDPMPlusScheduler",
+    "DDPMPlusSchedulerOutput",
+    "FastSampler",
+    "bits_per_dim",
+    "fast_sample",
+    "vlb_terms",
+    "__version__",
+]
 
 
 def _register(target, name, obj):

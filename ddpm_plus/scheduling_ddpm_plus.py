@@ -349,7 +349,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         """Eq. (16)/(23): x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, with ᾱ kept in float64 until the final multiply."""
         a, b = self._forward_coefficients(original_samples, timesteps)
         dtype = _compute_dtype(original_samples)
-        out = a * original_samples.to(dtype) + b * noise.to(dtype)
+        out = torch.mul(original_samples.to(dtype), a).addcmul_(b, noise.to(dtype))  # one new buffer
         return out.to(original_samples.dtype)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -398,11 +398,16 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         dtype = _compute_dtype(sample, model_output)
         x_t, out = sample.to(dtype), model_output.to(dtype)
         kind = self.config.prediction_type
-        if kind == "epsilon":  # eq. (32): x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t
-            return c["sqrt_recip_alpha_prod"] * x_t - c["sqrt_recipm1_alpha_prod"] * out
         if kind == "sample":
             return out
-        return c["sqrt_alpha_prod"] * x_t - c["sqrt_one_minus_alpha_prod"] * out  # v_prediction
+        if kind == "epsilon":
+            a, b = "sqrt_recip_alpha_prod", "sqrt_recipm1_alpha_prod"
+        else:  # v_prediction
+            a, b = "sqrt_alpha_prod", "sqrt_one_minus_alpha_prod"
+        # eq. (32): x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t; v: x̂_0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v
+        if isinstance(c[a], float):  # scalar timestep: one pass into one new buffer
+            return torch.mul(x_t, c[a]).sub_(out, alpha=c[b])
+        return c[a] * x_t - c[b] * out
 
     def p_mean_variance(
         self, model_output: torch.Tensor, sample: torch.Tensor, timestep, prev_timestep=None, clip_denoised=None
@@ -430,7 +435,10 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
             clip_denoised = self.config.clip_sample or self.config.thresholding
         if clip_denoised:
             x0 = self._clip_or_threshold(x0)
-        mean = c["coef_x0"] * x0 + c["coef_xt"] * sample.to(dtype)
+        if isinstance(c["coef_x0"], float):  # μ̃ (eq. 30) in one new buffer
+            mean = torch.mul(x0, c["coef_x0"]).add_(sample.to(dtype), alpha=c["coef_xt"])
+        else:
+            mean = c["coef_x0"] * x0 + c["coef_xt"] * sample.to(dtype)
         return mean, self._log_variance(c, variance_output, dtype), x0
 
     def _log_variance(self, c: dict, variance_output: torch.Tensor | None, dtype: torch.dtype):
@@ -488,13 +496,13 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         prev = self.previous_timestep(timestep)
         if isinstance(prev, torch.Tensor) or prev >= 0:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=mean.dtype)
-            if isinstance(log_variance, float):
-                std = math.exp(0.5 * log_variance)
+            if isinstance(log_variance, float) and not isinstance(prev, torch.Tensor):
+                mean.add_(noise, alpha=math.exp(0.5 * log_variance))  # mean is a fresh buffer
             else:
-                std = torch.exp(0.5 * log_variance)
-            if isinstance(prev, torch.Tensor):  # per-example timesteps: no noise where the chain ends
-                std = std * (prev >= 0).to(mean.dtype).reshape((-1,) + (1,) * (sample.ndim - 1))
-            mean = mean + std * noise
+                std = torch.exp(0.5 * torch.as_tensor(log_variance, dtype=mean.dtype, device=mean.device))
+                if isinstance(prev, torch.Tensor):  # per-example timesteps: no noise where the chain ends
+                    std = std * (prev >= 0).to(mean.dtype).reshape((-1,) + (1,) * (sample.ndim - 1))
+                mean = mean + std * noise
         prev_sample, x0 = mean.to(sample.dtype), x0.to(sample.dtype)
         if not return_dict:
             return prev_sample, x0
