@@ -227,6 +227,7 @@ def test_ddpm_cifar10_preset_is_the_paper_recipe():
         "learning_rate": 2e-4, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 5000,
         "adam_weight_decay": 0.0, "train_batch_size": 128, "use_ema": True, "ema_decay": 0.9999,
         "max_grad_norm": 1.0, "max_train_steps": 800_000, "loss": "simple",
+        "allow_tf32": True, "channels_last": True, "compile": True,
     }
     assert {k: getattr(args, k) for k in expected} == expected
 
@@ -261,6 +262,20 @@ def test_too_small_dataset_is_refused_before_training(tmp_path, capsys):
     err = expect_exit(TINY + ["--output_dir", out, "--train_data_dir", folder, "--max_train_steps", 1], capsys)
     assert "3 readable image(s)" in err and "= 8 images" in err
     assert not (out / "model_index.json").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_corrupt_image_is_named_before_training(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((8, 8), 20 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "run"
+    err = expect_exit(TINY + ["--output_dir", out, "--train_data_dir", folder, "--max_train_steps", 1], capsys)
+    assert "broken.png" in err and "one optimizer step needs" not in err
+    assert not (out / "model_index.json").exists()
 
 
 def test_world_size_without_process_group_is_refused(monkeypatch):

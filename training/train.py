@@ -44,7 +44,13 @@ if __package__ in (None, ""):  # run as a script: make `training.*` importable
 
 from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler  # noqa: E402
 from ddpm_plus import hub  # noqa: E402
-from ddpm_plus.data import DIGITS_NUM_BINS, ImageTransform, load_image_dataset, prepare_dataset  # noqa: E402
+from ddpm_plus.data import (  # noqa: E402
+    DIGITS_NUM_BINS,
+    BadImageError,
+    ImageTransform,
+    load_image_dataset,
+    prepare_dataset,
+)
 from ddpm_plus.losses import ImportanceSampler, compute_loss  # noqa: E402
 from training import checkpointing as ckpt  # noqa: E402
 from training.args import LEARNED_VARIANCE_TYPES, parse_args  # noqa: E402
@@ -264,6 +270,8 @@ def build_dataloader(args, accelerator):
     )
     try:
         dataset = prepare_dataset(raw, transform, skip_bad_images=args.skip_bad_images, min_size=samples_per_step)
+    except BadImageError:
+        raise  # names the unreadable file; the batch-size note below does not apply
     except ValueError as e:
         raise ValueError(
             f"{e}; one optimizer step needs --train_batch_size {args.train_batch_size} x "
