@@ -419,3 +419,25 @@ def test_push_at_checkpoints_and_at_the_end(tmp_path, hub_server, hf_token, hub_
     assert files["unet/diffusion_pytorch_model.safetensors"] == (
         out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert len(hub_server.repos[hub_repo_id].commits) >= 2  # the step-1 checkpoint push, then the final one
+
+
+def test_train_push_then_load_repo_id_in_fresh_cache(tmp_path, hub_server, hf_token, hub_repo_id):
+    """The issue's end to end: train on the bundled digits -> push -> DiffusionPipeline.from_pretrained("user/repo")
+    in an empty cache -> the same images as the local pipeline for a fixed generator."""
+    from diffusers import DiffusionPipeline
+
+    import ddpm_plus
+
+    out = tmp_path / "run"
+    run_train(TINY + ["--output_dir", out, "--max_train_steps", 2, "--use_ema", "--push_to_hub",
+                      "--hub_model_id", hub_repo_id])
+    local = DiffusionPipeline.from_pretrained(out)
+    remote = DiffusionPipeline.from_pretrained(hub_repo_id, cache_dir=tmp_path / "fresh-cache")
+    assert type(remote) is ddpm_plus.DDPMPlusPipeline and type(remote.scheduler) is ddpm_plus.DDPMPlusScheduler
+    images = []
+    for pipe in (local, remote):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(batch_size=2, num_inference_steps=5, output_type="pt",
+                           generator=torch.Generator().manual_seed(0)).images)
+    assert torch.equal(images[0], images[1])
+    assert any((tmp_path / "fresh-cache").rglob("diffusion_pytorch_model.safetensors"))
