@@ -434,7 +434,8 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         if clip_denoised is None:
             clip_denoised = self.config.clip_sample or self.config.thresholding
         if clip_denoised:
-            x0 = self._clip_or_threshold(x0)
+            # x̂_0 is a fresh buffer unless the model predicts it directly: clip that one out of place
+            x0 = self._clip_or_threshold(x0, inplace=x0 is not model_output)
         if isinstance(c["coef_x0"], float):  # μ̃ (eq. 30) in one new buffer
             mean = torch.mul(x0, c["coef_x0"]).add_(sample.to(dtype), alpha=c["coef_xt"])
         else:
@@ -472,7 +473,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"model output has {channels} channels; expected {C} (or {2 * C} with variance channels).")
         return model_output, None
 
-    def _clip_or_threshold(self, x0: torch.Tensor) -> torch.Tensor:
+    def _clip_or_threshold(self, x0: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         if self.config.thresholding:
             # Dynamic thresholding (Saharia et al. 2022): s = quantile(|x̂_0|), clamp to [−s, s], divide by s.
             flat = x0.reshape(x0.shape[0], -1).abs()
@@ -480,7 +481,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
             s = s.clamp(min=1.0, max=self.config.sample_max_value).reshape((-1,) + (1,) * (x0.ndim - 1))
             return torch.maximum(torch.minimum(x0, s), -s) / s
         r = self.config.clip_sample_range
-        return x0.clamp(-r, r)
+        return x0.clamp_(-r, r) if inplace else x0.clamp(-r, r)
 
     # ------------------------------------------------------------------ sampling
     def step(
