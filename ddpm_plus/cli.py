@@ -202,8 +202,10 @@ def evaluate(args) -> dict:
     # Samples, grid, and the classifier-feature Frechet distances.
     sample_gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
-        samples01 = pipe(batch_size=args.num_samples, generator=sample_gen,
-                         num_inference_steps=args.inference_steps, output_type="pt").images.float().cpu()
+        # "np" (N, H, W, C in [0, 1]) is what both DDPMPlusPipeline and diffusers' DDPMPipeline return.
+        samples = pipe(batch_size=args.num_samples, generator=sample_gen,
+                       num_inference_steps=args.inference_steps, output_type="np").images
+    samples01 = torch.from_numpy(np.asarray(samples, dtype=np.float32)).permute(0, 3, 1, 2)
     grid_path = out_dir / "samples_grid.png"
     _to_pil_grid(samples01).save(grid_path)
     classifier, accuracy = load_or_train_digits_classifier(args.classifier_cache_dir)
