@@ -190,6 +190,9 @@ def evaluate(args) -> dict:
         "prior_bits_per_dim": float(terms["prior_bpd"].mean()),
         "decoder_bits_per_dim": float(terms["terms_bpd"][:, terms["decoder_index"]].mean()),
         "bound_seconds": round(bound_seconds, 2),
+        # the mean term of the bound per timestep (the decoder L_0 at timestep 0), bits/dim
+        "terms_timesteps": terms["timesteps"].tolist(),
+        "terms_bpd_mean": [round(v, 8) for v in terms["terms_bpd"].mean(0).tolist()],
     }
     if factor is not None:
         # Nearest upsampling by k is injective: total nats are the same; per source 8x8 pixel = x k^2.
