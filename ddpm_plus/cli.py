@@ -99,16 +99,18 @@ def _respaced_timesteps(num_train: int, k: int) -> torch.Tensor:
 
 
 def _to_pil_grid(images01: torch.Tensor):
-    """[N, C, H, W] in [0, 1] -> a near-square PIL grid, each image upscaled (nearest) to >= 64 px."""
+    """[N, C, H, W] in [0, 1] -> a near-square PIL grid, each image upscaled (nearest) to >= 64 px and framed."""
     from diffusers.utils import make_image_grid
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     n = images01.shape[0]
     rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     arr = (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
     scale = max(1, math.ceil(64 / pils[0].width))
-    pils = [p.resize((p.width * scale, p.height * scale), resample=Image.NEAREST) for p in pils]
+    # a grey 2-pixel frame keeps black-background digits apart
+    pils = [ImageOps.expand(p.resize((p.width * scale, p.height * scale), resample=Image.NEAREST), border=2, fill=128)
+            for p in pils]
     return make_image_grid(pils, rows, n // rows)
 
 

@@ -114,7 +114,7 @@ def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path,
     assert res["frechet_proxy_samples_vs_train"] >= 0 and res["frechet_proxy_floor_heldout_vs_train"] >= 0
     assert res["frechet_proxy_name"] == "digits Frechet distance (proxy, not FID)"
     grid = Image.open(res["sample_grid"])
-    assert grid.size == (2 * 64, 2 * 64)  # 4 samples, 2x2, each 16 px upscaled to 64
+    assert grid.size == (2 * 68, 2 * 68)  # 4 samples, 2x2, each 16 px upscaled to 64, 2-px frame
     card = hub_server.files(hub_repo_id)["README.md"].decode()
     assert "digits Frechet distance (proxy, not FID)" in card and f"{res['bits_per_dim']:.4f}" in card
 
