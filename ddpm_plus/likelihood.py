@@ -17,10 +17,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # tqdm comes with diffusers/huggingface_hub; keep the import optional anyway
-    tqdm = None
+from tqdm.auto import tqdm
+
+from .scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES
 
 __all__ = [
     "normal_kl",
@@ -29,9 +28,6 @@ __all__ = [
     "vlb_terms",
     "bits_per_dim",
 ]
-
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (broadcasting)."""
@@ -249,7 +245,7 @@ def vlb_terms(
 
     decoder_index = int((seq == 0).nonzero()[0, 0])
     iterator = list(enumerate(seq.tolist()))
-    if progress and tqdm is not None:
+    if progress:
         iterator = tqdm(iterator, desc="bits/dim", unit="t", leave=False)
     for k, t in iterator:
         abar = alphas_cumprod[t]

@@ -193,19 +193,16 @@ def test_validation_errors(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_hybrid_preset_refused_until_losses_support_it(monkeypatch, capsys):
-    from ddpm_plus import losses
+def test_iddpm_preset_is_the_improved_ddpm_recipe(capsys):
     from training.args import parse_args
 
-    preset = str(CONFIGS / "iddpm_cifar10.yaml")
-    args = parse_args(["--config", preset])  # hybrid exists in ddpm_plus.losses now
+    args = parse_args(["--config", str(CONFIGS / "iddpm_cifar10.yaml")])
     assert (args.loss, args.variance_type, args.num_train_timesteps, args.beta_schedule, args.dropout) == (
         "hybrid", "learned_range", 4000, "squaredcos_cap_v2", 0.3)
     assert (args.learning_rate, args.train_batch_size, args.max_train_steps) == (1e-4, 128, 500000)
-    monkeypatch.setattr(losses, "LOSS_TYPES", ("simple",))  # a ddpm_plus without the likelihood work
-    with pytest.raises(SystemExit):
-        parse_args(["--config", preset])
-    assert "--loss hybrid is not available yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the objectives need the variance channels
+        parse_args(["--config", str(CONFIGS / "iddpm_cifar10.yaml"), "--variance_type", "fixed_small"])
+    assert "--variance_type" in capsys.readouterr().err
 
 
 def test_ddpm_cifar10_preset_is_the_paper_recipe():
