@@ -118,3 +118,20 @@ def fp16_half_ulp(x):
     x = np.abs(np.asarray(x, dtype=np.float64))
     e = np.floor(np.log2(np.maximum(x, 2.0**-14)))
     return 2.0 ** (e - 11)
+
+
+def gaussian_chain_moments(tab, timesteps, mu, s, variance_type="fixed_small"):
+    """(m, v) of the ancestral sampler's output for N(mu, s²) data driven by the optimal predictor, iterated
+    in float64 from x_T ~ N(0, 1): x̂_0 = mu + k (x − √ᾱ mu), so each step is x' = A x + B + σ z."""
+    m, v = 0.0, 1.0
+    ts = [int(t) for t in timesteps]
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        st = strided(tab, t, prev)
+        ab = st["abar"]
+        k = math.sqrt(ab) * s**2 / (ab * s**2 + 1 - ab)
+        a = st["coef_x0"] * k + st["coef_xt"]
+        b = st["coef_x0"] * mu * (1 - k * math.sqrt(ab))
+        var = 0.0 if prev < 0 else (st["post_var"] if variance_type == "fixed_small" else st["beta"])
+        m, v = a * m + b, a * a * v + var
+    return m, v

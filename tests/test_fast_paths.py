@@ -69,22 +69,6 @@ class GaussianEpsModel(torch.nn.Module):
         return types.SimpleNamespace(sample=eps.to(self.dtype))
 
 
-def exact_chain(timesteps, mu, s, variance_type="fixed_small"):
-    """(m, v) of the sampler's output for N(mu, s²) data, iterated in float64: x' = A x + B + σ z."""
-    m, v = 0.0, 1.0
-    ts = [int(t) for t in timesteps]
-    for i, t in enumerate(ts):
-        prev = ts[i + 1] if i + 1 < len(ts) else -1
-        st = R.strided(TAB, t, prev)
-        ab = st["abar"]
-        k = math.sqrt(ab) * s**2 / (ab * s**2 + 1 - ab)  # x̂_0 = μ + k (x − √ᾱ μ)
-        a = st["coef_x0"] * k + st["coef_xt"]
-        b = st["coef_x0"] * mu * (1 - k * math.sqrt(ab))
-        var = 0.0 if prev < 0 else (st["post_var"] if variance_type == "fixed_small" else st["beta"])
-        m, v = a * m + b, a * a * v + var
-    return m, v
-
-
 def tiny_unet(out_channels=3, seed=0):
     torch.manual_seed(seed)
     return UNet2DModel(
@@ -149,7 +133,7 @@ def test_fast_sampler_matches_exact_gaussian_chain(dtype, channels_last, steps, 
     timesteps = sampler.scheduler.timesteps.tolist()
     assert len(timesteps) == steps
     for c, (mu, s) in enumerate(zip(MU, S)):
-        m, v = exact_chain(timesteps, mu, s, variance_type)
+        m, v = R.gaussian_chain_moments(TAB, timesteps, mu, s, variance_type)
         xc = x[:, c].flatten()
         N = xc.numel()
         mean, var = xc.mean().item(), xc.var().item()

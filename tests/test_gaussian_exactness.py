@@ -43,21 +43,7 @@ def optimal_output(prediction_type, x, t):
 
 def exact_chain(timesteps, variance_type):
     """(m, v) of the sampler's output, iterating the linear Gaussian chain in float64."""
-    m, v = 0.0, 1.0
-    ts = [int(t) for t in timesteps]
-    for i, t in enumerate(ts):
-        prev = ts[i + 1] if i + 1 < len(ts) else -1
-        st = R.strided(TAB, t, prev)
-        ab = st["abar"]
-        k = math.sqrt(ab) * S**2 / (ab * S**2 + 1 - ab)
-        a = st["coef_x0"] * k + st["coef_xt"]
-        b = st["coef_x0"] * MU * (1 - k * math.sqrt(ab))
-        if prev < 0:
-            var = 0.0
-        else:
-            var = st["post_var"] if variance_type == "fixed_small" else st["beta"]
-        m, v = a * m + b, a * a * v + var
-    return m, v
+    return R.gaussian_chain_moments(TAB, timesteps, MU, S, variance_type)
 
 
 def run_sampler(scheduler, shape, seed):
