@@ -19,8 +19,6 @@ import torch
 
 from tqdm.auto import tqdm
 
-from .scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES
-
 __all__ = [
     "normal_kl",
     "discretized_gaussian_log_likelihood",

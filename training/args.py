@@ -23,7 +23,6 @@ from ddpm_plus.scheduling_ddpm_plus import (  # the scheduler's own lists of all
     BETA_SCHEDULES,
     LEARNED_VARIANCE_TYPES,
     PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
     VARIANCE_TYPES,
 )
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownsampleBlock2D")
