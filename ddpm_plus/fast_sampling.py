@@ -17,12 +17,14 @@ import copy
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .pipeline_ddpm_plus import OUTPUT_TYPES as PIPELINE_OUTPUT_TYPES
+from .pipeline_ddpm_plus import check_sampling_inputs, labels_tensor, postprocess
 from .scheduling_ddpm_plus import DDPMPlusScheduler
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OUTPUT_TYPES = PIPELINE_OUTPUT_TYPES + ("latent",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # modes that capture CUDA graphs themselves
@@ -169,25 +171,10 @@ class FastSampler:
     ) -> ImagePipelineOutput | tuple:
         """As ``DDPMPlusPipeline.__call__``; ``output_type="latent"`` returns the final float32 x_0
         unclamped. Pass a generator on the sampling device to keep noise drawing on the device."""
-        config = self.unet_config
-        size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (batch_size, config.in_channels, height, width)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators but batch_size={batch_size}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}; got {tuple(latents.shape)}.")
-        conditional = config.num_class_embeds is not None or config.class_embed_type is not None
-        if conditional != (class_labels is not None):
-            raise ValueError("Pass `class_labels` (one per image) exactly when the UNet is class-conditional.")
-        if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels, device=self.device).reshape(-1)
-            if class_labels.shape[0] != batch_size:
-                raise ValueError(f"`class_labels` must hold batch_size={batch_size} labels; got {len(class_labels)}.")
+        shape = check_sampling_inputs(
+            self.unet_config, batch_size, generator, output_type, latents, class_labels, OUTPUT_TYPES
+        )
+        class_labels = labels_tensor(class_labels, batch_size, self.device)
         self._load_schedule(num_inference_steps)  # validates num_inference_steps
         n = self.scheduler.num_inference_steps
 
@@ -216,11 +203,7 @@ class FastSampler:
         if output_type == "latent":
             image = x.clone(memory_format=torch.contiguous_format)
         else:
-            image = (x / 2 + 0.5).clamp(0, 1).contiguous()
-            if output_type != "pt":
-                image = image.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    image = DiffusionPipeline.numpy_to_pil(image)
+            image = postprocess(x, output_type)
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)

@@ -43,29 +43,6 @@ class DDPMPlusPipeline(DiffusionPipeline):
             pipe.scheduler = DDPMPlusScheduler.from_config(pipe.scheduler.config)
         return pipe
 
-    def _check_inputs(self, batch_size, generator, output_type, latents, shape, class_labels, tensor_inputs):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators but batch_size={batch_size}: "
-                "pass one generator per image, or a single generator."
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}; got {tuple(latents.shape)}.")
-        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may only contain {self._callback_tensor_inputs}; got {bad}."
-            )
-        conditional = self.unet.config.num_class_embeds is not None or self.unet.config.class_embed_type is not None
-        if conditional and class_labels is None:
-            raise ValueError("This UNet is class-conditional: pass `class_labels` (one label per image).")
-        if not conditional and class_labels is not None:
-            raise ValueError("`class_labels` were given but this UNet has no class embedding.")
-
     @torch.no_grad()
     def __call__(
         self,
@@ -87,24 +64,20 @@ class DDPMPlusPipeline(DiffusionPipeline):
         callback_on_step_end: called as ``fn(pipe, i, t, {"latents": ...})`` after each step; may return
             a dict with a replacement "latents".
         """
-        config = self.unet.config
-        size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        channels = config.in_channels
-        shape = (batch_size, channels, height, width)
-        self._check_inputs(
-            batch_size, generator, output_type, latents, shape, class_labels, callback_on_step_end_tensor_inputs
-        )
+        shape = check_sampling_inputs(self.unet.config, batch_size, generator, output_type, latents, class_labels)
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only contain {self._callback_tensor_inputs}; got {bad}."
+            )
+        channels = shape[1]
         device = self._execution_device
         # The chain itself is kept in float32 (float64 for a float64 UNet) even with a half-precision UNet.
         dtype = torch.float64 if self.unet.dtype == torch.float64 else torch.float32
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
-        if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels, device=device).reshape(-1)
-            if class_labels.shape[0] != batch_size:
-                raise ValueError(f"`class_labels` must hold batch_size={batch_size} labels; got {len(class_labels)}.")
+        class_labels = labels_tensor(class_labels, batch_size, device)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = {"generator": generator} if _accepts(self.scheduler.step, "generator") else {}
@@ -123,15 +96,55 @@ class DDPMPlusPipeline(DiffusionPipeline):
                 outputs = callback_on_step_end(self, i, t, tensors) or {}
                 latents = outputs.pop("latents", latents)
 
-        image = (latents / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        image = postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+def check_sampling_inputs(unet_config, batch_size, generator, output_type, latents, class_labels,
+                          output_types=OUTPUT_TYPES) -> tuple[int, int, int, int]:
+    """Validate a sampling call's arguments against the UNet's config; returns the sample shape."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(
+            f"`generator` is a list of {len(generator)} generators but batch_size={batch_size}: "
+            "pass one generator per image, or a single generator."
+        )
+    if output_type not in output_types:
+        raise ValueError(f"`output_type` must be one of {output_types}; got {output_type!r}.")
+    size = unet_config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (batch_size, unet_config.in_channels, height, width)
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"`latents` must have shape {shape}; got {tuple(latents.shape)}.")
+    conditional = unet_config.num_class_embeds is not None or unet_config.class_embed_type is not None
+    if conditional and class_labels is None:
+        raise ValueError("This UNet is class-conditional: pass `class_labels` (one label per image).")
+    if not conditional and class_labels is not None:
+        raise ValueError("`class_labels` were given but this UNet has no class embedding.")
+    return shape
+
+
+def labels_tensor(class_labels, batch_size: int, device) -> torch.Tensor | None:
+    """``class_labels`` as a 1-D tensor on ``device``, one label per image (None stays None)."""
+    if class_labels is None:
+        return None
+    class_labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+    if class_labels.shape[0] != batch_size:
+        raise ValueError(f"`class_labels` must hold batch_size={batch_size} labels; got {len(class_labels)}.")
+    return class_labels
+
+
+def postprocess(x: torch.Tensor, output_type: str):
+    """x_0 in [-1, 1] (N, C, H, W) -> "pt" tensor in [0, 1], "np" (N, H, W, C) array or "pil" images."""
+    image = (x / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image.contiguous()
+    image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    return DiffusionPipeline.numpy_to_pil(image) if output_type == "pil" else image
 
 
 def _accepts(fn, name: str) -> bool:
