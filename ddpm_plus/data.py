@@ -1,7 +1,7 @@
 """Training and evaluation data: a bundled offline default (scikit-learn digits), Hub datasets and
 imagefolders through ``datasets``, and the image transform to the model's tensors.
 
-Pixels p in [0, 255] become x = p / 127.5 - 1 in [-1, 1] (seed, first line). The digits are
+Pixels p in [0, 255] become x = p / 127.5 - 1 in [-1, 1] (Ho et al. 2020, Sec. 3.3). The digits are
 stored as 8-bit images with level v in 0..16 at p = round(v * 255 / 16); passing
 ``num_bins=DIGITS_NUM_BINS`` to :class:`ImageTransform` puts them back exactly on the 17-level grid
 x = v / 16 * 2 - 1 that bits/dim with ``num_bins=17`` expects.
@@ -10,6 +10,7 @@ Every image is decoded once in :func:`prepare_dataset`, before training starts, 
 file is reported (by path, else by dataset index) or skipped and counted up front.
 """
 
+import functools
 import logging
 import os
 
@@ -33,13 +34,24 @@ _DECODER = datasets.Image()
 _RESAMPLE_NAMES = {m.name.lower(): m for m in PIL.Image.Resampling}
 
 
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits():
+    """The one read of scikit-learn's digits: read-only (levels [1797, 8, 8] uint8 in 0..16, labels [1797]
+    int64), in sklearn's order."""
+    from sklearn.datasets import load_digits  # ships its data: no download
+
+    digits = load_digits()
+    levels = digits.images.astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    levels.flags.writeable = labels.flags.writeable = False
+    return levels, labels
+
+
 def digits_split_indices(split="train"):
     """Sorted indices into sklearn's ``load_digits`` arrays for ``split`` in {"train", "test", "all"}."""
     if split not in DIGITS_SPLITS:
         raise ValueError(f"split must be one of {list(DIGITS_SPLITS)}, got split={split!r}")
-    from sklearn.datasets import load_digits  # ships its data: no download
-
-    labels = load_digits().target
+    labels = _sklearn_digits()[1]
     if split == "all":
         return np.arange(len(labels))
     perm = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(labels))
@@ -49,19 +61,25 @@ def digits_split_indices(split="train"):
     return np.flatnonzero(test if split == "test" else ~test)
 
 
+def load_digits_arrays(split="train"):
+    """scikit-learn's digits of ``split`` as NumPy arrays (copies, in sklearn's order): grey levels
+    [N, 8, 8] uint8 in 0..16 and labels [N] int64 in 0..9. Every digits loader of ddpm_plus reads them
+    here (the dataset below, the evaluation classifier)."""
+    indices = digits_split_indices(split)
+    levels, labels = _sklearn_digits()
+    return levels[indices], labels[indices]
+
+
 def load_digits_dataset(split="train"):
     """scikit-learn's digits (8x8, levels 0..16) as a ``datasets.Dataset`` with columns ``image``
     (PIL mode "L", level v at pixel round(v * 255 / 16)) and ``label`` (0..9)."""
-    from sklearn.datasets import load_digits  # ships its data: no download
-
-    indices = digits_split_indices(split)
-    digits = load_digits()
-    pixels = np.rint(digits.images[indices] * (255 / 16)).astype(np.uint8)
+    levels, labels = load_digits_arrays(split)
+    pixels = np.rint(levels * (255 / 16)).astype(np.uint8)
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
     )
     return datasets.Dataset.from_dict(
-        {"image": [PIL.Image.fromarray(p, mode="L") for p in pixels], "label": digits.target[indices].tolist()},
+        {"image": [PIL.Image.fromarray(p, mode="L") for p in pixels], "label": labels.tolist()},
         features=features,
     )
 
@@ -227,7 +245,7 @@ class ImageTransform:
             levels = np.rint(pixels * ((self.num_bins - 1) / 255))
             x = (levels * (2 / (self.num_bins - 1)) - 1).astype(np.float32)
         else:
-            x = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)  # seed, first line
+            x = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)  # Ho et al. 2020, Sec. 3.3
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
@@ -272,7 +290,7 @@ def prepare_dataset(dataset, transform, *, skip_bad_images=False, min_size=None)
         # Undecoded {"path", "bytes"} records: decode_image reads them and names the file on failure.
         raw = raw.cast_column("image", datasets.Image(decode=False))
     indices, skipped = [], []
-    for start, batch in zip(range(0, len(raw), _CHECK_BATCH), raw.iter(batch_size=_CHECK_BATCH)):
+    for start, batch in zip(range(0, len(raw), _CHECK_BATCH), raw.iter(batch_size=_CHECK_BATCH), strict=True):
         for index, value in enumerate(batch["image"], start):
             try:
                 decode_image(value, _source(value, index))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -59,15 +58,13 @@ def default_cache_dir() -> Path:
 
 
 def _digits_arrays(split: str):
-    """(images [N,1,8,8] float32 on the 17-level grid in [-1, 1], labels [N]) of the bundled digits."""
-    from sklearn.datasets import load_digits  # ships its data: no download
+    """(images [N,1,8,8] float32 on the 17-level grid in [-1, 1], labels [N]) of the bundled digits, from
+    :func:`ddpm_plus.data.load_digits_arrays` (the one digits loader; same split)."""
+    from .data import DIGITS_NUM_BINS, load_digits_arrays
 
-    from .data import digits_split_indices
-
-    digits = load_digits()
-    idx = digits_split_indices(split)
-    x = torch.from_numpy(digits.images[idx]).float() / 16.0 * 2.0 - 1.0
-    return x[:, None], torch.from_numpy(digits.target[idx]).long()
+    levels, labels = load_digits_arrays(split)
+    x = torch.from_numpy(levels).float() * (2.0 / (DIGITS_NUM_BINS - 1)) - 1.0  # level v -> v / 16 * 2 - 1
+    return x[:, None], torch.from_numpy(labels).long()
 
 
 def _train(epochs: int = 20, batch_size: int = 128) -> DigitsClassifier:
@@ -98,7 +95,7 @@ def _accuracy(model: DigitsClassifier, split: str = "test") -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def load_or_train_digits_classifier(cache_dir: Optional[os.PathLike] = None):
+def load_or_train_digits_classifier(cache_dir: os.PathLike | None = None):
     """(classifier in eval mode on CPU, its held-out accuracy). Weights are cached as safetensors in
     ``cache_dir`` (default ``default_cache_dir()``); a missing or unreadable cache is retrained in seconds."""
     from safetensors.torch import load_file, save_file

@@ -2,20 +2,21 @@
 
 Unlike diffusers' DDPMPipeline it calls ``scale_model_input`` and uses ``init_noise_sigma``, so any
 diffusers scheduler (DDIM, Euler, DPM-Solver, ...) samples correctly inside it, and it handles UNets
-that also output variance channels (improved DDPM's learned variances).
+that also output variance channels (improved DDPM's learned variances): a scheduler that uses them gets
+the full output (see :func:`scheduler_takes_variance`), any other the prediction channels only.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .scheduling_ddpm_plus import DDPMPlusScheduler
+from .scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES, DDPMPlusScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -81,8 +82,7 @@ class DDPMPlusPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = {"generator": generator} if _accepts(self.scheduler.step, "generator") else {}
-        # Our scheduler splits variance channels itself; others get the prediction channels only.
-        keeps_variance = isinstance(self.scheduler, DDPMPlusScheduler)
+        keeps_variance = scheduler_takes_variance(self.scheduler)
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
@@ -103,8 +103,25 @@ class DDPMPlusPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
 
-def check_sampling_inputs(unet_config, batch_size, generator, output_type, latents, class_labels,
-                          output_types=OUTPUT_TYPES) -> tuple[int, int, int, int]:
+def scheduler_takes_variance(scheduler: SchedulerMixin) -> bool:
+    """Whether ``scheduler.step`` expects a UNet's variance channels in its ``model_output``.
+
+    True for ``DDPMPlusScheduler`` (it splits them itself; fixed variance types ignore them) and for a
+    diffusers scheduler built with ``variance_type="learned"`` or ``"learned_range"`` (``DDPMScheduler``
+    reads the variance from them, DPM-Solver drops them itself). Only a ``variance_type`` that the
+    scheduler's class takes counts: DDIM or Euler built ``from_config`` of a learned-variance config keep
+    the key as an unused config entry, and get the prediction channels only.
+    """
+    if isinstance(scheduler, DDPMPlusScheduler):
+        return True
+    if not _accepts(type(scheduler).__init__, "variance_type"):
+        return False
+    return scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
+
+
+def check_sampling_inputs(
+    unet_config, batch_size, generator, output_type, latents, class_labels, output_types=OUTPUT_TYPES
+) -> tuple[int, int, int, int]:
     """Validate a sampling call's arguments against the UNet's config; returns the sample shape."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")

@@ -83,6 +83,39 @@ def test_digits_tensor_is_exactly_on_the_17_level_grid():
     assert len(torch.unique(batch)) == 17
 
 
+def test_sklearn_digits_are_read_once_for_every_digits_loader(monkeypatch):
+    """One digits loader (ddpm_plus.data): the split, the dataset, the tensors and the evaluation classifier's
+    arrays all come from a single read of scikit-learn's digits, so they cannot drift apart."""
+    import sklearn.datasets
+
+    from ddpm_plus import data, evaluation
+
+    reads = []
+
+    def counting_load_digits(*args, **kwargs):
+        reads.append(1)
+        return load_digits(*args, **kwargs)
+
+    monkeypatch.setattr(sklearn.datasets, "load_digits", counting_load_digits)
+    data._sklearn_digits.cache_clear()
+    try:
+        levels, labels = data.load_digits_arrays("test")
+        digits_split_indices("train")
+        load_digits_dataset("test")
+        x, y = evaluation._digits_arrays("test")
+        digits_heldout_tensor()
+    finally:
+        data._sklearn_digits.cache_clear()
+    assert len(reads) == 1
+    digits = load_digits()
+    idx = digits_split_indices("test")
+    assert levels.dtype == np.uint8 and np.array_equal(levels, digits.images[idx])
+    assert labels.dtype == np.int64 and np.array_equal(labels, digits.target[idx])
+    assert torch.equal(x, digits_heldout_tensor()) and y.tolist() == labels.tolist()
+    levels[:] = 0  # a copy: the cached arrays stay intact
+    assert np.array_equal(data.load_digits_arrays("test")[0], digits.images[idx])
+
+
 def test_digits_unknown_split_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"split.*'train', 'test', 'all'.*'validation'"):
         load_digits_dataset("validation")
@@ -174,7 +207,7 @@ def test_random_crop_uses_every_offset_and_the_generator():
     assert starts == {0, 1, 2}
     first = [ImageTransform(4, 1, generator=torch.Generator().manual_seed(3))(image) for _ in range(2)]
     again = [ImageTransform(4, 1, generator=torch.Generator().manual_seed(3))(image) for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 def test_random_flip_with_a_seeded_generator():

@@ -22,6 +22,28 @@ from ddpm_plus.evaluation import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_classifier_data_comes_from_the_one_digits_loader(monkeypatch):
+    """The classifier trains and is scored on ddpm_plus.data's digits (same split), not a loader of its own."""
+    from ddpm_plus import data, evaluation
+
+    levels = np.array([[[0] * 8] * 8, [[16] * 8] * 8, [[8] * 8] * 8], dtype=np.uint8)
+    calls = []
+
+    def fake_load_digits_arrays(split):
+        calls.append(split)
+        return levels, np.array([3, 1, 4])
+
+    monkeypatch.setattr(data, "load_digits_arrays", fake_load_digits_arrays)
+    x, y = evaluation._digits_arrays("test")
+    assert calls == ["test"]
+    assert x.shape == (3, 1, 8, 8) and x.dtype == torch.float32 and y.tolist() == [3, 1, 4]
+    assert x[:, 0, 0, 0].tolist() == [-1.0, 1.0, 0.0]
+    monkeypatch.undo()
+    x, y = evaluation._digits_arrays("train")  # the real digits: as prepared for the model, and their labels
+    assert torch.equal(x, data.digits_heldout_tensor(8, 1, split="train"))
+    assert y.tolist() == data.load_digits_dataset("train")["label"]
+
+
 @pytest.fixture(scope="module")
 def classifier_cache(tmp_path_factory):
     """The digits classifier, trained once for this module into a temporary cache."""
@@ -64,27 +86,37 @@ def test_classifier_is_accurate_cached_and_deterministic(classifier_cache):
     mtime = files[0].stat().st_mtime_ns
     again, accuracy2 = load_or_train_digits_classifier(cache)
     assert files[0].stat().st_mtime_ns == mtime and accuracy2 == accuracy  # loaded, not retrained
-    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     feats = classifier_features(model, torch.zeros(5, 1, 16, 16))
     assert feats.shape == (5, model.feature_dim) and feats.dtype == np.float64
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
+def _save_tiny_pipeline(path, channels=1):
+    """A 16x16 learned_range pipeline with T = 20 (2x output channels), saved to ``path``."""
     from diffusers import UNet2DModel
 
     from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
 
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=16, in_channels=1, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        sample_size=16,
+        in_channels=channels,
+        out_channels=2 * channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
     )
     sched = DDPMPlusScheduler(num_train_timesteps=20, beta_start=0.005, beta_end=0.5, variance_type="learned_range")
-    path = tmp_path_factory.mktemp("pipe")
     DDPMPlusPipeline(unet, sched).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    return _save_tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path, hub_server, hf_token, hub_repo_id):
@@ -95,9 +127,28 @@ def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path,
 
     cache = classifier_cache[0]
     json_path = tmp_path / "r.json"
-    argv = ["evaluate", str(tiny_pipeline), "--max_images", "6", "--num_samples", "4", "--inference_steps", "3",
-            "--timesteps_respaced", "5", "--classifier_cache_dir", str(cache), "--json", str(json_path),
-            "--output_dir", str(tmp_path / "out"), "--no_progress", "--push_to_hub", "--hub_model_id", hub_repo_id]
+    argv = [
+        "evaluate",
+        str(tiny_pipeline),
+        "--max_images",
+        "6",
+        "--num_samples",
+        "4",
+        "--inference_steps",
+        "3",
+        "--timesteps_respaced",
+        "5",
+        "--classifier_cache_dir",
+        str(cache),
+        "--json",
+        str(json_path),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--no_progress",
+        "--push_to_hub",
+        "--hub_model_id",
+        hub_repo_id,
+    ]
     assert cli.main(argv) == 0
     res = json.loads(json_path.read_text())
     # the same figure from the library call (same seed, same respaced timesteps)
@@ -105,8 +156,15 @@ def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path,
     images = digits_heldout_tensor(16, 1)[:6]
     seq = cli._respaced_timesteps(20, 5)
     assert seq.tolist() == [19, 14, 10, 5, 0]
-    direct = bits_per_dim(pipe.unet, pipe.scheduler, images, num_bins=17, timesteps=seq,
-                          generator=torch.Generator().manual_seed(0), progress=False)
+    direct = bits_per_dim(
+        pipe.unet,
+        pipe.scheduler,
+        images,
+        num_bins=17,
+        timesteps=seq,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     assert res["bits_per_dim"] == pytest.approx(direct.mean().item(), rel=1e-9)
     assert res["bits_per_source_pixel"] == pytest.approx(4 * res["bits_per_dim"], rel=1e-12)  # 16x16 = 2x nearest
     assert res["comparable_to_8x8_baselines"] == "bits_per_source_pixel"
@@ -117,6 +175,46 @@ def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path,
     assert grid.size == (2 * 68, 2 * 68)  # 4 samples, 2x2, each 16 px upscaled to 64, 2-px frame
     card = hub_server.files(hub_repo_id)["README.md"].decode()
     assert "digits Frechet distance (proxy, not FID)" in card and f"{res['bits_per_dim']:.4f}" in card
+
+
+@pytest.mark.parametrize(
+    "resolution, channels, dims",
+    [(8, 1, 1), (16, 1, 4), (32, 1, 16), (8, 3, 3), (16, 3, 12), (32, 3, 48), (12, 1, None), (12, 3, None)],
+)
+def test_dims_per_source_pixel_counts_channels(resolution, channels, dims):
+    """A C-channel model at 8k x 8k has C·k² dimensions per pixel of the 8x8 greyscale source digit."""
+    assert cli.dims_per_source_pixel(resolution, channels) == dims
+
+
+def test_evaluate_rgb_bits_per_source_pixel_counts_the_channels(classifier_cache, tmp_path):
+    """3 channels at 16x16: the total nats of a digit are spread over 3·16·16 = 768 model dims, i.e. 12 per
+    source pixel (the figure was once scaled by k² = 4 only, understating RGB models 3x)."""
+    path = _save_tiny_pipeline(tmp_path / "rgb", channels=3)
+    json_path = tmp_path / "r.json"
+    argv = [
+        "evaluate",
+        str(path),
+        "--max_images",
+        "3",
+        "--num_samples",
+        "2",
+        "--inference_steps",
+        "2",
+        "--timesteps_respaced",
+        "3",
+        "--classifier_cache_dir",
+        str(classifier_cache[0]),
+        "--json",
+        str(json_path),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--no_progress",
+    ]
+    assert cli.main(argv) == 0
+    res = json.loads(json_path.read_text())
+    assert res["channels"] == 3 and res["resolution"] == 16
+    assert res["bits_per_source_pixel"] == pytest.approx(12 * res["bits_per_dim"], rel=1e-12)
+    assert res["bits_per_source_pixel_stderr"] == pytest.approx(12 * res["bits_per_dim_stderr"], rel=1e-12)
 
 
 @pytest.mark.parametrize(

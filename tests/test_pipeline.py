@@ -17,7 +17,7 @@ from diffusers import (
 )
 
 import ddpm_plus
-from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
+from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, pipeline_ddpm_plus
 
 MU, S = 0.1, 0.25  # data distribution N(MU, S^2) per pixel; MU ± 3.6 S stays inside [-1, 1]
 
@@ -154,6 +154,67 @@ def test_learned_variance_unet(scheduler_cls):
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
 
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+def test_stock_ddpm_scheduler_with_learned_variance_matches_diffusers_pipeline(variance_type):
+    """diffusers' DDPMScheduler reads the variance channels itself: our pipeline must pass them on (it used
+    to strip them, and the scheduler raised a TypeError), and then sample exactly as DDPMPipeline does."""
+    unet = tiny_unet(out_channels=2)
+    with torch.no_grad():  # variance channel = 0.01: a valid σ² for "learned", which takes its square root
+        unet.conv_out.weight[1:] = 0
+        unet.conv_out.bias[1:] = 0.01
+    ours = DDPMPlusPipeline(unet=unet, scheduler=DDPMScheduler(variance_type=variance_type))
+    stock = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type=variance_type))
+    for pipe in (ours, stock):
+        pipe.set_progress_bar_config(disable=True)
+    expected = stock(
+        batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np"
+    ).images
+    images = sample(ours, steps=5, output_type="np").images
+    assert type(ours.scheduler) is DDPMScheduler  # passed explicitly: not replaced by ours
+    assert np.isfinite(images).all() and images.std() > 0
+    np.testing.assert_array_equal(images, expected)
+    # the variance channels matter: with a fixed variance (stripped, no TypeError) the samples differ
+    ours.scheduler = DDPMScheduler()
+    assert not np.array_equal(sample(ours, steps=5, output_type="np").images, expected)
+
+
+@pytest.mark.parametrize(
+    "scheduler, takes",
+    [
+        (DDPMPlusScheduler(), True),
+        (DDPMPlusScheduler(variance_type="learned_range"), True),
+        (DDPMScheduler(variance_type="learned_range"), True),
+        (DDPMScheduler(variance_type="learned"), True),
+        (DDPMScheduler(), False),
+        (DPMSolverMultistepScheduler(variance_type="learned_range"), True),
+        (DPMSolverMultistepScheduler(), False),
+        # a learned-variance config carried over from_config, but not a DDIM/Euler setting
+        (DDIMScheduler.from_config(DDPMScheduler(variance_type="learned_range").config), False),
+        (EulerDiscreteScheduler.from_config(DDPMScheduler(variance_type="learned").config), False),
+    ],
+)
+def test_scheduler_takes_variance(scheduler, takes):
+    assert pipeline_ddpm_plus.scheduler_takes_variance(scheduler) is takes
+
+
+def test_learned_variance_unet_with_ddim_uses_only_the_prediction_channels():
+    """DDIM gets the prediction channels of a 2x-channel UNet: the same images as a UNet without the
+    variance channels (all other weights equal)."""
+    config = DDPMScheduler(variance_type="learned_range").config
+    wide = tiny_unet(out_channels=2)
+    narrow = tiny_unet(out_channels=1)
+    state = wide.state_dict()
+    state["conv_out.weight"], state["conv_out.bias"] = state["conv_out.weight"][:1], state["conv_out.bias"][:1]
+    narrow.load_state_dict(state)
+    images = []
+    for unet in (wide, narrow):
+        pipe = DDPMPlusPipeline(unet=unet, scheduler=DDIMScheduler.from_config(config))
+        pipe.set_progress_bar_config(disable=True)
+        images.append(sample(pipe, steps=5).images)
+    assert torch.isfinite(images[0]).all()
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "scheduler_cls, steps, tol",
     [
@@ -170,15 +231,24 @@ def test_any_scheduler_samples_the_right_distribution(scheduler_cls, steps, tol)
     scheduler = scheduler_cls.from_config(base.config)
     pipe = DDPMPlusPipeline(unet=GaussianEpsModel(base.alphas_cumprod, size=32), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    latents = pipe(batch_size=8, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
-                   output_type="pt", callback_on_step_end=None).images * 2 - 1  # back to [-1, 1]
+    latents = (
+        pipe(
+            batch_size=8,
+            generator=torch.Generator().manual_seed(0),
+            num_inference_steps=steps,
+            output_type="pt",
+            callback_on_step_end=None,
+        ).images
+        * 2
+        - 1
+    )  # back to [-1, 1]
     # the pipeline clamps to [-1, 1]: negligible here (MU + 3.6 S = 1).
     assert abs(latents.mean().item() - MU) < tol
     assert abs(latents.std().item() - S) < tol + 0.01
 
 
 def test_stock_ddpm_pipeline_fails_with_euler_where_ours_succeeds():
-    """The reason our pipeline applies init_noise_sigma/scale_model_input (diffusers-0.42 notes)."""
+    """The reason our pipeline applies init_noise_sigma/scale_model_input: diffusers 0.42's DDPMPipeline applies neither."""
     base = DDPMPlusScheduler(clip_sample=False, timestep_spacing="trailing")
     model = GaussianEpsModel(base.alphas_cumprod, size=16)
     euler = EulerDiscreteScheduler.from_config(base.config)
@@ -211,7 +281,10 @@ def test_save_and_plain_from_pretrained_round_trip(tmp_path):
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPlusPipeline"
     assert index["scheduler"] == ["ddpm_plus.scheduling_ddpm_plus", "DDPMPlusScheduler"]
-    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
 
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
