@@ -1,5 +1,5 @@
-"""Training benchmark: images/s of training/train.py's own ``training_step`` (imported, not copied) on
-the trainer's own UNet (``build_unet``), scheduler and accelerator, against a loop doing exactly what
+"""Training benchmark: images/s of the trainer's own ``ddpm_plus.train.training_step`` (imported, not copied)
+on the trainer's own UNet (``build_unet``), optimizer (``build_optimizer``), scheduler and accelerator, against a loop doing exactly what
 diffusers' examples/unconditional_image_generation/train_unconditional.py does per step with
 ``--mixed_precision fp16`` (on the CPU: its fp32 path), same UNet shape and batch, interleaved.
 
@@ -27,8 +27,9 @@ COMPILE_COST_S = 120  # budgeted for compiling the training step (forward + back
 
 
 def import_trainer():
-    """``training.train``; where ``datasets`` cannot be imported (the GPU machine), a stand-in module
-    is registered first: only the data loading uses it, and the step benchmarked here does not."""
+    """``ddpm_plus.train`` and ``ddpm_plus.training_args``; where ``datasets`` cannot be imported (the GPU
+    machine), a stand-in module is registered first: only the data loading uses it, and the step benchmarked
+    here does not."""
     note = None
     try:
         import datasets  # noqa: F401
@@ -36,8 +37,8 @@ def import_trainer():
         stub = types.ModuleType("datasets")
         stub.__getattr__ = lambda name: _Unavailable
         sys.modules["datasets"] = stub
-        note = f"datasets not importable ({type(e).__name__}: {e}); a stand-in was registered to import train.py"
-    return importlib.import_module("training.train"), importlib.import_module("training.args"), note
+        note = f"datasets not importable ({type(e).__name__}: {e}); a stand-in was registered to import the trainer"
+    return importlib.import_module("ddpm_plus.train"), importlib.import_module("ddpm_plus.training_args"), note
 
 
 class _Unavailable:
@@ -70,8 +71,7 @@ def stock_fp16_step(unet, optimizer, lr_scheduler, scaler, noise_scheduler, imag
     return loss
 
 
-def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, with_compile=False,
-        deadline=None) -> dict:
+def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, with_compile=False, deadline=None) -> dict:
     device = torch.device(device)
     cuda = device.type == "cuda"
     batch = batch or (128 if cuda else 8)
@@ -80,10 +80,22 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
     train, train_args, note = import_trainer()
     notes = [note] if note else []
     precision = "bf16" if cuda else "no"
-    flags = models.TRAIN_FLAGS["tiny" if tiny else "cifar10"] + [
-        "--train_batch_size", str(batch), "--mixed_precision", precision, "--logger", "none",
-        "--output_dir", tempfile.mkdtemp(prefix="ddpm_plus_bench_"), "--max_train_steps", "100000",
-    ] + (["--allow_tf32"] if cuda else [])
+    flags = (
+        models.TRAIN_FLAGS["tiny" if tiny else "cifar10"]
+        + [
+            "--train_batch_size",
+            str(batch),
+            "--mixed_precision",
+            precision,
+            "--logger",
+            "none",
+            "--output_dir",
+            tempfile.mkdtemp(prefix="ddpm_plus_bench_"),
+            "--max_train_steps",
+            "100000",
+        ]
+        + (["--allow_tf32"] if cuda else [])
+    )
     args = train_args.parse_args(flags)
     accelerator = train.build_accelerator(args)  # one per process (accelerate's state is process-wide)
     noise_scheduler = train.build_scheduler(args)
@@ -93,17 +105,17 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
     def ours(*extra_flags, compile_mode=None):
         a = train_args.parse_args(flags + list(extra_flags))
         torch.manual_seed(0)
-        # the set-up of train.train() for these flags (inline there, so mirrored here line by line)
+        # the set-up of ddpm_plus.train.prepare() for these flags, with its own builders
         unet = train.build_unet(a).to(device)
         if a.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
-                                      weight_decay=a.adam_weight_decay, eps=a.adam_epsilon, fused=cuda)
+        optimizer = train.build_optimizer(a, unet, device)
         unet, optimizer = accelerator.prepare(unet, optimizer)
         if a.compile:
             unet = torch.compile(unet, dynamic=False, **({"mode": compile_mode} if compile_mode else {}))
-        lr_scheduler = get_scheduler(a.lr_scheduler, optimizer, num_warmup_steps=a.lr_warmup_steps,
-                                     num_training_steps=a.max_train_steps)
+        lr_scheduler = get_scheduler(
+            a.lr_scheduler, optimizer, num_warmup_steps=a.lr_warmup_steps, num_training_steps=a.max_train_steps
+        )
         unet.train()
         counter = iter(range(10**9))
 
@@ -111,10 +123,20 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(a.allow_tf32)
             out = None
             for _ in range(steps_per_round):
-                out = train.training_step({"pixel_values": images}, unet, noise_scheduler, optimizer, lr_scheduler,
-                                          accelerator, step_seed=next(counter), loss_type=a.loss,
-                                          snr_gamma=a.snr_gamma, max_grad_norm=a.max_grad_norm)
+                out = train.training_step(
+                    {"pixel_values": images},
+                    unet,
+                    noise_scheduler,
+                    optimizer,
+                    lr_scheduler,
+                    accelerator,
+                    step_seed=next(counter),
+                    loss_type=a.loss,
+                    snr_gamma=a.snr_gamma,
+                    max_grad_norm=a.max_grad_norm,
+                )
             return out.loss
+
         return step
 
     def stock():
@@ -135,6 +157,7 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
             for _ in range(steps_per_round):
                 out = stock_fp16_step(unet, optimizer, lr_scheduler, scaler, sched, images, weight_dtype, device)
             return out
+
         return step
 
     stock_name = "diffusers example " + ("fp16 autocast" if cuda else "fp32")
@@ -168,17 +191,31 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
     samples = interleaved(cases, rounds=rounds, warmup=0, device=device)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_defaults
     base = summary(samples[stock_name])["median_s"]
-    rows = {name: {"images_per_s": steps_per_round * batch / summary(s)["median_s"],
-                   "speedup_vs_diffusers": base / summary(s)["median_s"], "warmup_loss": losses[name]}
-            for name, s in samples.items()}
-    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "unet": "tiny" if tiny else "ddpm_cifar10", "batch": batch, "steps_per_round": steps_per_round,
-            "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows, "notes": notes}
+    rows = {
+        name: {
+            "images_per_s": steps_per_round * batch / summary(s)["median_s"],
+            "speedup_vs_diffusers": base / summary(s)["median_s"],
+            "warmup_loss": losses[name],
+        }
+        for name, s in samples.items()
+    }
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "unet": "tiny" if tiny else "ddpm_cifar10",
+        "batch": batch,
+        "steps_per_round": steps_per_round,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "notes": notes,
+    }
 
 
 def report(r: dict) -> str:
-    lines = [f"training ({r['device']}, {r['unet']} UNet, batch {r['batch']}, {r['steps_per_round']} steps per timed "
-             f"round, {r['rounds']} interleaved rounds, medians)"]
+    lines = [
+        f"training ({r['device']}, {r['unet']} UNet, batch {r['batch']}, {r['steps_per_round']} steps per timed "
+        f"round, {r['rounds']} interleaved rounds, medians)"
+    ]
     lines.append(f"  {'loop':<76} {'images/s':>10} {'x diffusers':>12}")
     for name, row in r["rows"].items():
         lines.append(f"  {name:<76} {row['images_per_s']:>10.1f} {row['speedup_vs_diffusers']:>12.2f}")

@@ -34,7 +34,7 @@ if ! "$PY" -c "import diffusers" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+# `python -m benchmarks.run` from the repository root imports ddpm_plus and benchmarks from here (not installed there).
 command -v nvidia-smi >/dev/null && nvidia-smi > "$DEST/nvidia-smi.txt" 2>&1
 
 if [[ $TINY == 1 ]]; then
@@ -45,7 +45,7 @@ else
   LIMIT=470
 fi
 start=$(date +%s)
-timeout "$LIMIT" "$PY" benchmarks/run.py "${ARGS[@]}" --json "$DEST/gpu_results.json" 2>&1 | tee "$DEST/gpu_check.log"
+timeout "$LIMIT" "$PY" -m benchmarks.run "${ARGS[@]}" --json "$DEST/gpu_results.json" 2>&1 | tee "$DEST/gpu_check.log"
 rc=${PIPESTATUS[0]}
 echo "gpu_check: exit $rc after $(( $(date +%s) - start )) s; results in $DEST/gpu_results.json"
 exit "$rc"

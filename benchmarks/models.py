@@ -1,30 +1,56 @@
-"""The UNets the benchmarks run: the DDPM paper's CIFAR-10 network (35.7M parameters, as in
-training/configs/ddpm_cifar10.yaml) and a tiny one for CPU runs. Random weights: speed does not depend
+"""The UNets the benchmarks run: the DDPM paper's CIFAR-10 network (35.7M parameters, as in the trainer's
+ddpm_cifar10 preset) and a tiny one for CPU runs. Random weights: speed does not depend
 on them (no pretrained weights are downloaded)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
 
 DDPM_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 256, 256),
+    layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),  # attention at 16x16
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),  # up block 2 runs at 16x16
-    norm_num_groups=32, dropout=0.1, attention_head_dim=None,  # one head, as in DDPM
+    norm_num_groups=32,
+    dropout=0.1,
+    attention_head_dim=None,  # one head, as in DDPM
 )
 TINY = dict(
-    sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8, dropout=0.1, attention_head_dim=None,
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    dropout=0.1,
+    attention_head_dim=None,
 )
-# The same shapes as training/train.py flags (for the training benchmark, which builds through train.py).
+# The same shapes as trainer flags (for the training benchmark, which builds through ddpm_plus.train).
 TRAIN_FLAGS = {
-    "cifar10": ["--config", str(Path(__file__).resolve().parent.parent / "training" / "configs" / "ddpm_cifar10.yaml")],
-    "tiny": ["--resolution", "16", "--channels", "3", "--block_out_channels", "32", "64", "--layers_per_block", "1",
-             "--attention_resolutions", "8", "--norm_num_groups", "8", "--dropout", "0.1"],
+    "cifar10": ["--config", "ddpm_cifar10"],
+    "tiny": [
+        "--resolution",
+        "16",
+        "--channels",
+        "3",
+        "--block_out_channels",
+        "32",
+        "64",
+        "--layers_per_block",
+        "1",
+        "--attention_resolutions",
+        "8",
+        "--norm_num_groups",
+        "8",
+        "--dropout",
+        "0.1",
+    ],
 }
 
 

@@ -1,7 +1,9 @@
 """ddpm_plus vs stock diffusers, side by side in one process.
 
-    python benchmarks/run.py [--device cpu|cuda] [--only scheduler,sampling,training] [--json out.json]
+    python -m benchmarks.run [--device cpu|cuda] [--only scheduler,sampling,training] [--json out.json]
                              [--unet cifar10|tiny] [--compile] [--threads N] [--budget_s S]
+
+(from the repository root, with ddpm_plus installed).
 
 Prints the device, absolute figures and ratios; every comparison is interleaved (rounds alternate the
 variants; medians). The scheduler section always runs on the CPU (batch 64x3x32x32). Sampling and
@@ -16,13 +18,8 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `benchmarks`, `training`, `ddpm_plus` importable
-    sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("scheduler", "sampling", "training")
 
@@ -32,8 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="Default: cuda if available.")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"Comma-separated subset of {SECTIONS}.")
     p.add_argument("--json", default=None, help="Write all results to this JSON file (rewritten after each section).")
-    p.add_argument("--unet", default=None, choices=("cifar10", "tiny"),
-                   help="DDPM CIFAR-10 UNet (35.7M) or a tiny one (0.70M). Default: cifar10 on CUDA, tiny on the CPU.")
+    p.add_argument(
+        "--unet",
+        default=None,
+        choices=("cifar10", "tiny"),
+        help="DDPM CIFAR-10 UNet (35.7M) or a tiny one (0.70M). Default: cifar10 on CUDA, tiny on the CPU.",
+    )
     p.add_argument("--tiny", action="store_true", help="Same as --unet tiny.")
     p.add_argument("--compile", action="store_true", help="Also time the torch.compile variants.")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
@@ -55,9 +56,15 @@ def environment(device) -> dict:
     import diffusers
     import torch
 
-    env = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "python": platform.python_version(),
-           "torch": torch.__version__, "diffusers": diffusers.__version__, "device": device,
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    env = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -77,7 +84,7 @@ def main(argv=None) -> dict:
     results = {"environment": environment(device)}
     print(f"# ddpm_plus benchmarks: {results['environment']}", flush=True)
 
-    from benchmarks import bench_sampling, bench_scheduler, bench_training
+    from . import bench_sampling, bench_scheduler, bench_training
 
     def save():
         if args.json:
@@ -85,12 +92,29 @@ def main(argv=None) -> dict:
 
     runs = {
         "scheduler": lambda: bench_scheduler.run("cpu"),
-        "sampling": lambda: bench_sampling.run(device, tiny=tiny, batch=args.sampling_batch, steps=args.sampling_steps,
-                                               rounds=args.rounds, with_compile=args.compile, deadline=deadline),
-        "training": lambda: bench_training.run(device, tiny=tiny, batch=args.training_batch, rounds=args.rounds,
-                                               with_compile=args.compile, deadline=deadline),
+        "sampling": lambda: bench_sampling.run(
+            device,
+            tiny=tiny,
+            batch=args.sampling_batch,
+            steps=args.sampling_steps,
+            rounds=args.rounds,
+            with_compile=args.compile,
+            deadline=deadline,
+        ),
+        "training": lambda: bench_training.run(
+            device,
+            tiny=tiny,
+            batch=args.training_batch,
+            rounds=args.rounds,
+            with_compile=args.compile,
+            deadline=deadline,
+        ),
     }
-    reports = {"scheduler": bench_scheduler.report, "sampling": bench_sampling.report, "training": bench_training.report}
+    reports = {
+        "scheduler": bench_scheduler.report,
+        "sampling": bench_sampling.report,
+        "training": bench_training.report,
+    }
     for section in args.only:
         start = time.time()
         try:
@@ -107,4 +131,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if not __package__:  # `python benchmarks/run.py`: the sibling modules are not importable that way
+        raise SystemExit("error: run the benchmarks from the repository root as `python -m benchmarks.run ...`")
     main()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def synchronize(device) -> None:
@@ -16,8 +16,9 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, device="cpu",
-                calls_per_round: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, device="cpu", calls_per_round: int = 1
+) -> dict[str, list[float]]:
     """Seconds per call of each case: ``warmup`` untimed calls each, then ``rounds`` rounds in which
     every case is timed over ``calls_per_round`` back-to-back calls (order reversed every other round)."""
     for fn in cases.values():
@@ -41,5 +42,10 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int
 def summary(seconds: list[float]) -> dict:
     """Median, quartiles and minimum of a list of timings (seconds)."""
     q = statistics.quantiles(seconds, n=4) if len(seconds) >= 2 else [seconds[0]] * 3
-    return {"median_s": statistics.median(seconds), "q1_s": q[0], "q3_s": q[2], "min_s": min(seconds),
-            "n": len(seconds)}
+    return {
+        "median_s": statistics.median(seconds),
+        "q1_s": q[0],
+        "q3_s": q[2],
+        "min_s": min(seconds),
+        "n": len(seconds),
+    }

@@ -5,9 +5,9 @@ data and hyper-parameters of a ddpm_plus training config, and save a diffusers `
 It is the "diffusers example" row of the README quality table: the saved pipeline is then scored with
 ddpm_plus' exact bound (``ddpm-plus evaluate``, which rebuilds a DDPMPlusScheduler from the same config).
 
-    python benchmarks/train_diffusers_example.py --config training/configs/digits.yaml \
-        --output_dir runs/digits-d-diffusers
-(any training/train.py flag may follow, e.g. --max_train_steps 1000; only the ones used here matter).
+    python -m benchmarks.train_diffusers_example --config digits --output_dir runs/digits-d-diffusers
+(from the repository root; any trainer flag may follow, e.g. --max_train_steps 1000; only the ones used here
+matter).
 """
 
 from __future__ import annotations
@@ -15,23 +15,19 @@ from __future__ import annotations
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
-
 
 def main(argv=None):
-    from args import parse_args  # training/args.py: the same flags and presets as training/train.py
     from diffusers import DDPMPipeline, DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from train import build_unet
 
     from ddpm_plus.data import DIGITS_NUM_BINS, ImageTransform, load_digits_dataset, prepare_dataset
+    from ddpm_plus.train import build_unet
+    from ddpm_plus.training_args import parse_args  # the same flags and presets as the trainer
 
     args = parse_args(argv)
     if args.dataset_name is not None or args.train_data_dir is not None:
@@ -42,19 +38,47 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
 
     noise_scheduler = DDPMScheduler(
-        num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-        beta_start=args.beta_start, beta_end=args.beta_end,
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        beta_start=args.beta_start,
+        beta_end=args.beta_end,
     )
     model = build_unet(args)
-    transform = ImageTransform(args.resolution, args.channels, center_crop=args.center_crop,
-                               random_flip=args.random_flip, num_bins=DIGITS_NUM_BINS, generator=gen)
+    transform = ImageTransform(
+        args.resolution,
+        args.channels,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        num_bins=DIGITS_NUM_BINS,
+        generator=gen,
+    )
     data = prepare_dataset(load_digits_dataset("train"), transform)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
-    ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                   power=args.ema_power, model_cls=type(model), model_config=model.config) if args.use_ema else None
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    ema = (
+        EMAModel(
+            model.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=type(model),
+            model_config=model.config,
+        )
+        if args.use_ema
+        else None
+    )
 
     bs, step, start, loss = args.train_batch_size, 0, time.perf_counter(), torch.tensor(float("nan"))
     model.train()
@@ -75,8 +99,11 @@ def main(argv=None):
                 ema.step(model.parameters())
             step += 1
             if step % max(1, args.logging_steps) == 0:
-                print(f"step {step}/{args.max_train_steps} loss {loss.item():.4f} "
-                      f"{step * bs / (time.perf_counter() - start):.1f} images/s", flush=True)
+                print(
+                    f"step {step}/{args.max_train_steps} loss {loss.item():.4f} "
+                    f"{step * bs / (time.perf_counter() - start):.1f} images/s",
+                    flush=True,
+                )
             if step >= args.max_train_steps:
                 break
     if ema is not None:
@@ -84,8 +111,10 @@ def main(argv=None):
     model.eval()
     DDPMPipeline(unet=model, scheduler=noise_scheduler).save_pretrained(args.output_dir, safe_serialization=True)
     seconds = time.perf_counter() - start
-    print(f"done: {step} steps in {seconds:.0f} s, final loss {loss.item():.4f}, "
-          f"{step * bs / seconds:.1f} images/s -> {args.output_dir}")
+    print(
+        f"done: {step} steps in {seconds:.0f} s, final loss {loss.item():.4f}, "
+        f"{step * bs / seconds:.1f} images/s -> {args.output_dir}"
+    )
     return 0 if math.isfinite(loss.item()) else 1
 
 

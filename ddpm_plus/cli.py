@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .image_grid import image_grid
+
 __all__ = ["main", "build_parser", "evaluate"]
 
 PROXY_NAME = "digits Frechet distance (proxy, not FID)"
@@ -62,7 +64,46 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--hub_private_repo", action="store_true")
     ev.add_argument("--hub_token", default=None)
     ev.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    _add_train_and_push_parsers(sub)
     return parser
+
+
+TRAIN_EXTRA_MODULES = ("accelerate", "datasets", "sklearn", "tensorboard", "yaml")
+TRAIN_EXTRA_HINT = 'pip install "ddpm-plus[train]"'
+
+
+def _add_train_and_push_parsers(sub) -> None:
+    # `train` hands every argument after it to ddpm_plus.train (its own parser, its own --help).
+    sub.add_parser("train", add_help=False, help="train a DDPM in one process (flags: ddpm-plus train --help; "
+                   "many processes: accelerate launch -m ddpm_plus.train)")
+    from .hub import add_push_arguments
+
+    add_push_arguments(sub.add_parser("push", help="push a training output directory's pipeline, model card and "
+                                      "last sample grid to the Hub (never checkpoints or logs)"))
+
+
+def _missing_train_extra(err: ImportError) -> str | None:
+    """The message for a module of the [train] extras that cannot be imported, else None."""
+    name = (err.name or "").split(".")[0]
+    if name not in TRAIN_EXTRA_MODULES:
+        return None
+    return f"error: this command needs the training extras ({name} is not installed): {TRAIN_EXTRA_HINT}"
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        train_main(argv[1:], prog="ddpm-plus train")
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.command == "push":
+        from .hub import push_command
+
+        return push_command(args)
+    if args.command == "evaluate":
+        evaluate(args)
+    return 0
 
 
 def _check_args(args) -> None:
@@ -91,27 +132,15 @@ def _check_args(args) -> None:
 
 
 def _respaced_timesteps(num_train: int, k: int) -> torch.Tensor:
-    """K timesteps evenly spaced over [0, T-1], descending, always containing 0 and T-1."""
+    """K timesteps evenly spaced over [0, T-1] (the scheduler module's ``respace``, "linspace" spacing),
+    descending, always containing 0 and T-1."""
+    from .scheduling_ddpm_plus import respace
+
     if k > num_train:
         raise SystemExit(f"error: --timesteps_respaced {k} exceeds num_train_timesteps={num_train}")
-    seq = np.unique(np.round(np.linspace(0, num_train - 1, k)).astype(np.int64))
-    return torch.from_numpy(seq[::-1].copy())
-
-
-def _to_pil_grid(images01: torch.Tensor):
-    """[N, C, H, W] in [0, 1] -> a near-square PIL grid, each image upscaled (nearest) to >= 64 px and framed."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image, ImageOps
-
-    n = images01.shape[0]
-    rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
-    arr = (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
-    scale = max(1, math.ceil(64 / pils[0].width))
-    # a grey 2-pixel frame keeps black-background digits apart
-    pils = [ImageOps.expand(p.resize((p.width * scale, p.height * scale), resample=Image.NEAREST), border=2, fill=128)
-            for p in pils]
-    return make_image_grid(pils, rows, n // rows)
+    if k < 2 <= num_train:
+        raise SystemExit("error: --timesteps_respaced needs K >= 2 (the bound's steps run from T-1 down to 0)")
+    return torch.from_numpy(respace(num_train, k, timestep_spacing="linspace").timesteps)
 
 
 def _inception_fid(samples01: torch.Tensor, reals01: torch.Tensor, weights: str) -> float:
@@ -138,8 +167,9 @@ def _inception_fid(samples01: torch.Tensor, reals01: torch.Tensor, weights: str)
 
 def evaluate(args) -> dict:
     """Run the evaluation described by parsed ``args``; returns the results dict (also written as JSON)."""
-    import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
     from diffusers import DiffusionPipeline
+
+    import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
 
     from .data import digits_heldout_tensor
     from .evaluation import classifier_features, frechet_distance, load_or_train_digits_classifier
@@ -175,7 +205,7 @@ def evaluate(args) -> dict:
     bpd = terms["total_bpd"]
     n = len(bpd)
     stderr = float(bpd.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    factor = (resolution // 8) ** 2 if resolution % 8 == 0 else None  # model dims per source pixel
+    factor = dims_per_source_pixel(resolution, channels)
     results = {
         "pipeline": str(args.pipeline),
         "dataset": f"bundled scikit-learn digits, split={args.split!r}",
@@ -197,7 +227,8 @@ def evaluate(args) -> dict:
         "terms_bpd_mean": [round(v, 8) for v in terms["terms_bpd"].mean(0).tolist()],
     }
     if factor is not None:
-        # Nearest upsampling by k is injective: total nats are the same; per source 8x8 pixel = x k^2.
+        # Nearest upsampling and channel replication are injective: total nats are the same, spread over
+        # C·(8k)² model dims instead of the 64 source pixels, so per source pixel = x C·k².
         results["bits_per_source_pixel"] = float(bpd.mean()) * factor
         results["bits_per_source_pixel_stderr"] = stderr * factor
         results["comparable_to_8x8_baselines"] = "bits_per_source_pixel"
@@ -212,7 +243,7 @@ def evaluate(args) -> dict:
                        num_inference_steps=args.inference_steps, output_type="np").images
     samples01 = torch.from_numpy(np.asarray(samples, dtype=np.float32)).permute(0, 3, 1, 2)
     grid_path = out_dir / "samples_grid.png"
-    _to_pil_grid(samples01).save(grid_path)
+    image_grid(samples01).save(grid_path)
     classifier, accuracy = load_or_train_digits_classifier(args.classifier_cache_dir)
     train_feats = classifier_features(classifier, digits_heldout_tensor(8, 1, split="train"))
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
@@ -239,6 +270,12 @@ def evaluate(args) -> dict:
     if args.push_to_hub:
         _push(args, results, local)
     return results
+
+
+def dims_per_source_pixel(resolution: int, channels: int) -> int | None:
+    """Model dimensions per pixel of a source 8x8 greyscale digit: C·k² when the digits were nearest-upsampled
+    by k = resolution / 8 and replicated to C channels, None when resolution is not a multiple of 8."""
+    return channels * (resolution // 8) ** 2 if resolution % 8 == 0 else None
 
 
 def card_metrics(results: dict) -> dict:
@@ -298,10 +335,13 @@ def _push(args, results: dict, local: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "evaluate":
-        evaluate(args)
-    return 0
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except ImportError as err:
+        message = _missing_train_extra(err)
+        if message is None:
+            raise
+        raise SystemExit(message) from None
 
 
 if __name__ == "__main__":

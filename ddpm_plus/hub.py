@@ -9,15 +9,17 @@ Everything goes through ``huggingface_hub`` (endpoint, token and cache settings 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
 import re
+from collections.abc import Mapping
 from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any, Mapping
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
@@ -28,10 +30,24 @@ CARD_TAGS = ["ddpm_plus", "diffusers", "unconditional-image-generation"]
 # What a push uploads, relative to the output directory (fnmatch patterns, as huggingface_hub uses them)...
 PUSH_ALLOW_PATTERNS = ["model_index.json", "scheduler/*.json", "unet/*.json", "unet/*.safetensors"]
 # ...and what it never uploads, even if matched above (training state, pickles).
-PUSH_IGNORE_PATTERNS = ["checkpoint-*", "*/checkpoint-*", "logs/*", "*.bin", "*.pt", "*.pth", "*.pkl",
-                        "*.ckpt", "*optimizer*"]
+PUSH_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "*/checkpoint-*",
+    "logs/*",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.pkl",
+    "*.ckpt",
+    "*optimizer*",
+]
 _FROM_PRETRAINED = re.compile(r'(DiffusionPipeline\.from_pretrained\()"[^"\n]*"')
 _SECRET_KEYS = re.compile(r"token|secret|password", re.IGNORECASE)
+TOKEN_ON_COMMAND_LINE = (
+    "--hub_token: a token on the command line is visible to other users of this machine (ps, /proc) and "
+    "stays in the shell history; prefer HF_TOKEN or `hf auth login`"
+)
+REDACTED = "***"
 # Its run_as_future queue (one worker) runs every push of this process in call order, background or not,
 # so a slow push of an older checkpoint can never land after a newer one.
 _PUSH_QUEUE = HfApi()
@@ -39,6 +55,34 @@ _PUSH_QUEUE = HfApi()
 
 class HubPushError(RuntimeError):
     """A push to the Hub failed; the local output directory is untouched."""
+
+
+# ----------------------------------------------------------------------------- secrets
+def without_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the keys that name tokens, secrets or passwords (for cards, trackers, logs)."""
+    return {k: v for k, v in config.items() if not _SECRET_KEYS.search(k)}
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` with every occurrence of each (non-empty) secret replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    """A handler filter that rewrites log records so that the given secrets never reach the output."""
+
+    def __init__(self, *secrets: str | None):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(s in message for s in self.secrets):
+            record.msg, record.args = redact(message, *self.secrets), None
+        return True
 
 
 # ----------------------------------------------------------------------------- model card
@@ -102,7 +146,7 @@ def render_model_card(
         pipeline_tag="unconditional-image-generation",
         datasets=[dataset_name] if dataset_name else None,
     )
-    config = {k: v for k, v in sorted((training_config or {}).items()) if not _SECRET_KEYS.search(k)}
+    config = dict(sorted(without_secrets(training_config or {}).items()))
     unknown = "not recorded"
     known = lambda v: v is not None and math.isfinite(v)  # noqa: E731 (NaN = not measured)
     values = {
@@ -165,8 +209,11 @@ def files_to_push(output_dir: str | os.PathLike) -> list[str]:
     """The relative paths a push uploads: pipeline files, README.md and the last sample grid."""
     root = Path(output_dir)
     present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    chosen = list(filter_repo_objects(present, allow_patterns=PUSH_ALLOW_PATTERNS + ["README.md"],
-                                      ignore_patterns=PUSH_IGNORE_PATTERNS))
+    chosen = list(
+        filter_repo_objects(
+            present, allow_patterns=PUSH_ALLOW_PATTERNS + ["README.md"], ignore_patterns=PUSH_IGNORE_PATTERNS
+        )
+    )
     grid = latest_sample_grid(root)
     return chosen + ([grid] if grid else [])
 
@@ -175,7 +222,7 @@ def _fail(what: str, output_dir: Path, repo_id: str) -> HubPushError:
     return HubPushError(
         f"Pushing {output_dir} to the Hub repo {repo_id!r} failed: {what}. Nothing was changed or deleted "
         f"locally: every file in {output_dir} is intact. Push it again later with: "
-        f"python training/push_to_hub.py {output_dir} --hub_model_id {repo_id}"
+        f"ddpm-plus push {output_dir} --hub_model_id {repo_id}"
     )
 
 
@@ -247,3 +294,40 @@ def push_output_dir(
     ops = _operations(root, repo_id)
     future: Future = _PUSH_QUEUE.run_as_future(_push, HfApi(token=token), ops, root, repo_id, private, commit_message)
     return future if run_as_future else future.result()
+
+
+# ----------------------------------------------------------------------------- `ddpm-plus push`
+def add_push_arguments(parser) -> None:
+    """The flags of ``ddpm-plus push OUTPUT_DIR``."""
+    parser.add_argument("output_dir", help="a training output directory (holds model_index.json)")
+    parser.add_argument("--hub_model_id", required=True, help="the repo id, e.g. user/ddpm-digits")
+    parser.add_argument("--hub_private_repo", action="store_true", help="create the repo as private")
+    parser.add_argument(
+        "--hub_token",
+        default=None,
+        help="discouraged (visible to other users of the machine): set HF_TOKEN or run `hf auth login`",
+    )
+    parser.add_argument("--commit_message", default="Upload ddpm_plus pipeline")
+
+
+def push_command(args) -> int:
+    """``ddpm-plus push``: upload the pipeline, the card and the last grid of a finished output directory
+    (never checkpoints, optimizer state or logs). 0 on success, 1 with a message on failure; the output
+    directory is never modified."""
+    import sys
+
+    if args.hub_token:
+        print(f"warning: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
+    try:
+        info = push_output_dir(
+            args.output_dir,
+            args.hub_model_id,
+            private=args.hub_private_repo,
+            token=args.hub_token,
+            commit_message=args.commit_message,
+        )
+    except HubPushError as err:
+        print(f"error: {redact(str(err), args.hub_token)}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.output_dir} to {args.hub_model_id}: {info.commit_url}")
+    return 0

@@ -21,7 +21,6 @@ import tempfile
 import uuid
 
 import pytest
-
 from hub_server import HubServer
 
 if "huggingface_hub" in sys.modules or "diffusers" in sys.modules:
@@ -32,8 +31,18 @@ if "huggingface_hub" in sys.modules or "diffusers" in sys.modules:
 
 _SERVER = HubServer().start()
 _HF_HOME = tempfile.mkdtemp(prefix="ddpm_plus_hf_home_")
-for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH", "HF_HUB_OFFLINE",
-             "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_DATASETS_CACHE"):
+for _var in (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_STORED_TOKENS_PATH",
+    "HF_HUB_OFFLINE",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_DATASETS_CACHE",
+):
     os.environ.pop(_var, None)
 os.environ.update(
     HF_ENDPOINT=_SERVER.endpoint,

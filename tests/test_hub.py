@@ -9,13 +9,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
+from diffusers import DiffusionPipeline, UNet2DModel
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
@@ -29,19 +30,27 @@ from ddpm_plus.hub import (
     set_card_evaluation,
     write_model_card,
 )
-from diffusers import DiffusionPipeline, UNet2DModel
 
 ROOT = Path(__file__).resolve().parents[1]
-PUSH_CLI = ROOT / "training" / "push_to_hub.py"
-PIPELINE_FILES = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
-                  "unet/diffusion_pytorch_model.safetensors"}
+PIPELINE_FILES = {
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+}
 
 
 def tree_digest(root: Path) -> dict:
     """Every file under root -> (sha256, size, mtime_ns): equal digests mean nothing was touched."""
-    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size,
-                                             p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_size,
+            p.stat().st_mtime_ns,
+        )
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -68,8 +77,12 @@ def output_dir(tmp_path):
     _write(out / "logs/train/events.out.tfevents.1.host", rng.bytes(50))
     _write(out / "logs/scalars.json", b"{}")
     _write(out / "optimizer.pt", rng.bytes(10))
-    write_model_card(out, None, training_config={"learning_rate": 1e-4, "hub_token": "hf_secret"},
-                     dataset_description="bundled digits")
+    write_model_card(
+        out,
+        None,
+        training_config={"learning_rate": 1e-4, "hub_token": "hf_secret"},
+        dataset_description="bundled digits",
+    )
     return out
 
 
@@ -210,8 +223,12 @@ def test_model_card_metadata_snippet_and_figures():
     text = render_model_card(
         "user/ddpm-digits",
         training_config={"learning_rate": 2e-4, "resolution": 16, "hub_token": "hf_secret", "api_secret": "s"},
-        dataset_name="user/digits", hardware="1 × NVIDIA H100", train_steps=12000, images_per_second=4321.5,
-        final_loss=0.0312, eval_results={"bits_per_dim": 1.234, "frechet_distance_proxy": 5.6},
+        dataset_name="user/digits",
+        hardware="1 × NVIDIA H100",
+        train_steps=12000,
+        images_per_second=4321.5,
+        final_loss=0.0312,
+        eval_results={"bits_per_dim": 1.234, "frechet_distance_proxy": 5.6},
         sample_grid="samples/step_012000.png",
     )
     card = ModelCard(text)  # parses and validates the YAML block
@@ -220,11 +237,21 @@ def test_model_card_metadata_snippet_and_figures():
     assert {"ddpm_plus", "unconditional-image-generation", "diffusers"} <= set(card.data.tags)
     assert card.data.datasets == ["user/digits"] and card.data.license == "apache-2.0"
     body = card.text
-    snippet = ('import ddpm_plus\nfrom diffusers import DiffusionPipeline\n\n'
-               'pipeline = DiffusionPipeline.from_pretrained("user/ddpm-digits")')
+    snippet = (
+        "import ddpm_plus\nfrom diffusers import DiffusionPipeline\n\n"
+        'pipeline = DiffusionPipeline.from_pretrained("user/ddpm-digits")'
+    )
     assert snippet in body
-    for fact in ("| `learning_rate` | 0.0002 |", "| `resolution` | 16 |", "1 × NVIDIA H100", "12,000",
-                 "4321.5 images/s", "0.0312", "| `bits_per_dim` | 1.234 |", "![Sample grid](samples/step_012000.png)"):
+    for fact in (
+        "| `learning_rate` | 0.0002 |",
+        "| `resolution` | 16 |",
+        "1 × NVIDIA H100",
+        "12,000",
+        "4321.5 images/s",
+        "0.0312",
+        "| `bits_per_dim` | 1.234 |",
+        "![Sample grid](samples/step_012000.png)",
+    ):
         assert fact in body
     assert "hf_secret" not in text and "hub_token" not in text and "api_secret" not in text
 
@@ -250,23 +277,34 @@ def test_push_to_an_existing_public_repo_refuses_private_request(hub_server, hub
     assert set(hub_server.files(hub_repo_id)) == {".gitattributes"}
 
 
+@pytest.mark.slow
 def test_push_cli_exit_codes(hub_server, hub_repo_id, output_dir, monkeypatch, capsys):
+    """`ddpm-plus push`: exit 1 with the retry command and untouched files on failure, 0 on success; a token
+    given on the command line is used, warned about and never printed."""
+    from ddpm_plus import cli
+
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     before = tree_digest(output_dir)
-    failed = subprocess.run([sys.executable, str(PUSH_CLI), str(output_dir), "--hub_model_id", hub_repo_id],
-                            env=env, capture_output=True, text=True, timeout=120)
+    failed = subprocess.run(
+        [sys.executable, "-m", "ddpm_plus.cli", "push", str(output_dir), "--hub_model_id", hub_repo_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert failed.returncode == 1, failed.stderr
     assert "error: " in failed.stderr and "no Hugging Face token" in failed.stderr and "intact" in failed.stderr
+    assert f"ddpm-plus push {output_dir} --hub_model_id {hub_repo_id}" in failed.stderr
     assert tree_digest(output_dir) == before
 
     # The success path in-process (same main(), saves a second interpreter start-up).
-    monkeypatch.setattr(sys, "argv", ["push_to_hub.py"])
-    namespace = {"__name__": "push_to_hub_cli"}
-    exec(compile(PUSH_CLI.read_text(), str(PUSH_CLI), "exec"), namespace)
-    code = namespace["main"]([str(output_dir), "--hub_model_id", hub_repo_id, "--hub_private_repo",
-                              "--hub_token", hub_server.token])
-    assert code == 0 and hub_repo_id in capsys.readouterr().out
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    code = cli.main(
+        ["push", str(output_dir), "--hub_model_id", hub_repo_id, "--hub_private_repo", "--hub_token", hub_server.token]
+    )
+    captured = capsys.readouterr()
+    assert code == 0 and hub_repo_id in captured.out and "visible to other users" in captured.err
+    assert hub_server.token not in captured.out + captured.err
     assert PIPELINE_FILES <= set(hub_server.files(hub_repo_id)) and hub_server.repos[hub_repo_id].private
 
 
@@ -281,11 +319,19 @@ np.save(sys.argv[3], images)
 """
 
 
+@pytest.mark.slow
 def test_pipeline_round_trip_through_the_hub_and_offline_cache(hub_server, hf_token, hub_repo_id, tmp_path):
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     local = ddpm_plus.DDPMPlusPipeline(unet=unet, scheduler=ddpm_plus.DDPMPlusScheduler())
     out = tmp_path / "run"
     local.save_pretrained(out)
@@ -305,19 +351,24 @@ def test_pipeline_round_trip_through_the_hub_and_offline_cache(hub_server, hf_to
 
     # Offline: HF_HUB_OFFLINE is read at import, hence a subprocess; it must load from the cache alone.
     served = len(hub_server.requests)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", OFFLINE_LOAD, hub_repo_id, str(cache), str(tmp_path / "off.npy")],
-                            env=env, capture_output=True, text=True, timeout=180)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE_LOAD, hub_repo_id, str(cache), str(tmp_path / "off.npy")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "off.npy"), expected)
     assert len(hub_server.requests) == served  # not one request reached the server
 
 
-def test_wheel_ships_the_model_card_templates(tmp_path):
-    """A non-editable install gets the templates: build the wheel (setuptools, as pip would) and look inside."""
+def test_wheel_ships_the_model_card_templates_trainer_and_presets(tmp_path):
+    """A non-editable install gets the templates, the trainer and its presets: build the wheel (setuptools,
+    as pip would) and look inside."""
     src = tmp_path / "src"
-    for name in ("ddpm_plus", "model_cards"):
+    for name in ("ddpm_plus", "model_cards", "training/configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
@@ -326,8 +377,23 @@ def test_wheel_ships_the_model_card_templates(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     with zipfile.ZipFile(tmp_path / done.stdout.strip().splitlines()[-1]) as wheel:
         shipped = wheel.read("ddpm_plus/model_cards/ddpm_plus_unconditional.md")
-        assert "ddpm_plus/hub.py" in wheel.namelist()
+        names = set(wheel.namelist())
+        presets = {
+            p.name: wheel.read(f"ddpm_plus/presets/{p.name}") for p in (ROOT / "training/configs").glob("*.yaml")
+        }
+        entry_points = wheel.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert shipped == (ROOT / "model_cards" / "ddpm_plus_unconditional.md").read_bytes()
+    assert {
+        "ddpm_plus/hub.py",
+        "ddpm_plus/train.py",
+        "ddpm_plus/training_args.py",
+        "ddpm_plus/checkpointing.py",
+        "ddpm_plus/presets/__init__.py",
+    } <= names
+    assert {"digits.yaml", "ddpm_cifar10.yaml", "iddpm_cifar10.yaml"} <= set(presets)
+    assert all(data == (ROOT / "training/configs" / name).read_bytes() for name, data in presets.items())
+    assert "ddpm-plus = ddpm_plus.cli:main" in entry_points
+    assert not [n for n in names if n.startswith(("training/", "tests/", "benchmarks/"))]
 
 
 def test_every_subpackage_is_packaged():

@@ -20,7 +20,7 @@ def test_quickstart_has_exactly_two_commands():
     quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```bash\n(.*?)```", quickstart, re.S)
     assert len(commands) == 2
-    assert "accelerate launch training/train.py" in commands[0] and "pip install" in commands[0]
+    assert "accelerate launch -m ddpm_plus.train --config digits" in commands[0] and "pip install" in commands[0]
     assert "pytest" in commands[1] and "pip install" in commands[1]
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "python -m pytest -q tests" in ci and "python -m pytest -q tests" in commands[1]

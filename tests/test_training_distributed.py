@@ -1,7 +1,8 @@
 """Two gloo CPU processes through `accelerate launch --multi_gpu --num_processes 2` (the way to get a real
-process group on a CPU-only machine, see shared/notes/accelerate.md; train.py builds Accelerator(cpu=True)):
+process group on a CPU-only machine, see shared/notes/accelerate.md; the trainer builds Accelerator(cpu=True)):
 one pipeline is written, every rank saves its state, and the first update equals one process with the
-same global batch."""
+same global batch. Launched through the repository's thin entry point training/train.py, which must keep
+working (`accelerate launch -m ddpm_plus.train` is tested in test_training.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,37 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import TINY, TRAIN_PY, run_train
+from test_training import TINY, run_train
+
+TRAIN_PY = Path(__file__).resolve().parents[1] / "training" / "train.py"
 
 # Adam's first step is lr * g / (|g| + eps): with eps = lr = 1e4 the update is ~g itself, so the
 # comparison sees the gradient's value, not just its sign. Dropout off; one optimizer step.
-ONE_STEP = ["--max_train_steps", 1, "--checkpointing_steps", 1, "--dropout", 0.0, "--adam_epsilon", 1e4,
-            "--learning_rate", 1e4, "--lr_scheduler", "constant", "--lr_warmup_steps", 0,
-            "--adam_weight_decay", 0.0, "--seed", 7]
+ONE_STEP = [
+    "--max_train_steps",
+    1,
+    "--checkpointing_steps",
+    1,
+    "--dropout",
+    0.0,
+    "--adam_epsilon",
+    1e4,
+    "--learning_rate",
+    1e4,
+    "--lr_scheduler",
+    "constant",
+    "--lr_warmup_steps",
+    0,
+    "--adam_weight_decay",
+    0.0,
+    "--seed",
+    7,
+]
 
 
 def free_port() -> int:
@@ -27,12 +49,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     dist = tmp_path / "dist"
     argv = [str(a) for a in TINY + ONE_STEP + ["--train_batch_size", 4, "--output_dir", dist]]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(TRAIN_PY), *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(TRAIN_PY),
+        *argv,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,7 +79,9 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     # One pipeline, written once; accelerate's state saved by both ranks.
     assert [p.relative_to(dist).as_posix() for p in dist.rglob("model_index.json")] == ["model_index.json"]
     assert sorted(p.name for p in (dist / "checkpoint-1").glob("random_states_*.pkl")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert "2 processes" in (dist / "README.md").read_text()
 
     single = tmp_path / "single"

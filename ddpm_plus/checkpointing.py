@@ -11,10 +11,6 @@ A checkpoint is written to ``.tmp-checkpoint-N`` by every process (``save_state`
 rank for FSDP/DeepSpeed), then renamed to ``checkpoint-N`` by the main process once all ranks are
 done. A run killed mid-write leaves only a ``.tmp-`` directory, which ``latest`` never picks and the
 next run deletes.
-
-Test-only hook: with ``DDPM_PLUS_TEST_HANG_IN_CHECKPOINT=N`` the main process prints
-``DDPM_PLUS_TEST_HANG <tmp dir>`` once ``.tmp-checkpoint-N`` is fully written and then sleeps, so a
-test can kill the run at the worst moment. Unset, it does nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +19,6 @@ import json
 import os
 import re
 import shutil
-import sys
-import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -33,7 +27,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "training_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_HANG_ENV = "DDPM_PLUS_TEST_HANG_IN_CHECKPOINT"
 
 
 def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
@@ -90,10 +83,6 @@ def save_checkpoint(accelerator, output_dir, step: int, write_extra_state) -> Pa
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         write_extra_state(tmp)
-        if os.environ.get(_HANG_ENV) == str(step):
-            print(f"DDPM_PLUS_TEST_HANG {tmp}", flush=True)
-            sys.stdout.flush()
-            time.sleep(3600)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again (e.g. resumed from it): swap, never a half state
@@ -119,7 +108,9 @@ def save_ema(directory: Path, ema) -> None:
     """diffusers EMAModel state: shadow parameters in safetensors, scalars in JSON."""
     state = ema.state_dict()
     shadow = state.pop("shadow_params")
-    save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, directory / "ema.safetensors")
+    save_file(
+        {f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, directory / "ema.safetensors"
+    )
     write_json(directory / "ema.json", state)
 
 
@@ -137,7 +128,9 @@ def load_ema(directory: Path, ema) -> None:
 
 def save_importance_sampler(directory: Path, sampler) -> None:
     state = sampler.state_dict()
-    save_file({"history": state.pop("history"), "counts": state.pop("counts")}, directory / "importance_sampler.safetensors")
+    save_file(
+        {"history": state.pop("history"), "counts": state.pop("counts")}, directory / "importance_sampler.safetensors"
+    )
     write_json(directory / "importance_sampler.json", state)
 
 

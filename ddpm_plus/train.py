@@ -1,0 +1,626 @@
+"""Train an unconditional DDPM (``UNet2DModel`` + ``DDPMPlusScheduler``) with accelerate.
+
+    accelerate launch -m ddpm_plus.train --config digits --output_dir digits-ddpm   # any number of processes
+    ddpm-plus train --config digits --output_dir digits-ddpm                         # one process
+
+(needs ``pip install "ddpm-plus[train]"``). Without ``--config`` it trains the ``digits`` preset. Writes
+``output_dir/``: the final ``DDPMPlusPipeline`` (EMA weights when ``--use_ema``; safetensors),
+``checkpoint-N/``, ``logs/`` (TensorBoard), ``samples/step-N.png`` and a ``README.md`` model card.
+Flags: ``ddpm-plus train --help`` (see ddpm_plus/training_args.py).
+
+Reproducibility: data order and augmentation are seeded per epoch and sample (ddpm_plus/training_data.py);
+the noise and timesteps of micro-step k are drawn for the GLOBAL batch from a generator seeded by
+(seed, k) and sliced per process. So a resumed run continues the same trajectory, and N processes see
+exactly what one process with N times the batch sees. Dropout uses torch's global RNG, whose state
+accelerate checkpoints per process.
+
+``training_step`` is the whole per-micro-step computation (noising, forward, loss, backward, clip,
+optimizer/LR/EMA updates); import it to benchmark the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, hub
+from ddpm_plus import checkpointing as ckpt
+from ddpm_plus.image_grid import image_grid
+from ddpm_plus.losses import ImportanceSampler, compute_loss
+from ddpm_plus.scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES
+from ddpm_plus.training_args import build_scheduler, parse_args
+from ddpm_plus.training_data import build_dataloader, derive_seed, uses_digits
+
+__all__ = ["main", "train", "training_step", "NonFiniteLossError"]
+
+logger = logging.getLogger("ddpm_plus.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------- the step
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # detached mean loss of this process's micro-batch (float32, on device)
+    grad_norm: torch.Tensor | None  # pre-clip global grad norm on optimizer steps, else None
+
+
+def draw_noise_and_timesteps(x0, num_train_timesteps, step_seed, accelerator, importance_sampler=None):
+    """Noise and timesteps for this process's slice of the global batch of one micro-step, drawn
+    from a generator seeded by ``step_seed``. Returns (noise, timesteps, weights or None)."""
+    local = x0.shape[0]
+    start = accelerator.process_index * local
+    total = local * accelerator.num_processes
+    gen = torch.Generator(device=x0.device).manual_seed(step_seed)
+    if importance_sampler is None:
+        timesteps = torch.randint(0, num_train_timesteps, (total,), generator=gen, device=x0.device)
+        weights = None
+    else:
+        timesteps, weights = importance_sampler.sample(total, device=x0.device, generator=gen)
+        weights = weights[start : start + local]
+    noise = torch.randn((total, *x0.shape[1:]), generator=gen, device=x0.device, dtype=torch.float32)
+    return noise[start : start + local], timesteps[start : start + local], weights
+
+
+def training_step(
+    batch,
+    unet,
+    noise_scheduler,
+    optimizer,
+    lr_scheduler,
+    accelerator,
+    *,
+    step_seed: int,
+    loss_type: str = "simple",
+    snr_gamma: float | None = None,
+    max_grad_norm: float = 1.0,
+    num_bins: int = 256,
+    ema=None,
+    importance_sampler=None,
+) -> StepOutput:
+    """One micro-step on ``batch["pixel_values"]`` (images in [-1, 1]).
+
+    Noising x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (seed eq. 4) and the loss are computed in
+    float32 outside the model's autocast; under gradient accumulation the optimizer, LR scheduler
+    (counted in optimizer steps) and EMA advance only when ``accelerator.sync_gradients``. No host
+    synchronisation unless ``importance_sampler`` (vlb) must record the gathered losses.
+    """
+    x0 = batch["pixel_values"].to(torch.float32)
+    noise, timesteps, weights = draw_noise_and_timesteps(
+        x0, noise_scheduler.config.num_train_timesteps, step_seed, accelerator, importance_sampler
+    )
+    x_t = noise_scheduler.add_noise(x0, noise, timesteps)
+    grad_norm = None
+    with accelerator.accumulate(unet):
+        model_output = unet(x_t, timesteps).sample.float()
+        losses = compute_loss(
+            noise_scheduler, model_output, x0, x_t, noise, timesteps,
+            loss_type=loss_type, snr_gamma=snr_gamma, num_bins=num_bins,
+        )  # fmt: skip
+        loss = (losses * weights).mean() if weights is not None else losses.mean()
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients and ema is not None:
+        ema.step(unet.parameters())
+    if importance_sampler is not None:
+        all_t, all_losses = accelerator.gather((timesteps, losses.detach()))
+        importance_sampler.update(all_t, all_losses)
+    return StepOutput(loss=loss.detach(), grad_norm=grad_norm)
+
+
+# ----------------------------------------------------------------------------------------- setup
+
+
+def build_accelerator(args):
+    # Without cpu=True, `accelerate launch --multi_gpu` on a CPU-only machine starts processes that
+    # each train alone (see shared/notes/accelerate.md); with it they form a gloo group.
+    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
+    accelerator = Accelerator(
+        cpu=not has_accelerator,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.logger == "none" else args.logger,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise SystemExit(
+            f"error: WORLD_SIZE={world_size} but accelerate formed a single process group of 1: every process "
+            "would train alone. Launch with `accelerate launch --multi_gpu --num_processes N` or torchrun."
+        )
+    return accelerator
+
+
+def build_unet(args):
+    """A UNet2DModel from the shape flags or a local config; 2x output channels for learned variances."""
+    out_channels = args.channels * (2 if args.variance_type in LEARNED_VARIANCE_TYPES else 1)
+    if args.model_config_name_or_path is None:
+        return UNet2DModel(
+            sample_size=args.resolution,
+            in_channels=args.channels,
+            out_channels=out_channels,
+            block_out_channels=tuple(args.block_out_channels),
+            layers_per_block=args.layers_per_block,
+            down_block_types=tuple(args.down_block_types),
+            up_block_types=tuple(args.up_block_types),
+            norm_num_groups=args.norm_num_groups,
+            dropout=args.dropout,
+            attention_head_dim=args.attention_head_dim,  # None: one head per layer, as in DDPM
+        )
+    path = Path(args.model_config_name_or_path)
+    subfolder = "unet" if (path / "unet" / "config.json").is_file() else None
+    config = UNet2DModel.load_config(str(path), subfolder=subfolder, local_files_only=True)
+    if config.get("in_channels") != args.channels or config.get("out_channels") != out_channels:
+        raise ValueError(
+            f"--model_config_name_or_path {path}: in_channels/out_channels are {config.get('in_channels')}/"
+            f"{config.get('out_channels')}, but --channels {args.channels} with --variance_type "
+            f"{args.variance_type} needs {args.channels}/{out_channels}"
+        )
+    config["sample_size"] = args.resolution
+    return UNet2DModel.from_config(config)
+
+
+def build_ema(args, unet):
+    if args.ema_decay is not None:  # fixed decay from the first update on (DDPM)
+        return EMAModel(unet.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True)
+    return EMAModel(
+        unet.parameters(), decay=args.ema_max_decay, min_decay=args.ema_min_decay, use_ema_warmup=True,
+        inv_gamma=args.ema_inv_gamma, power=args.ema_power, foreach=True,
+    )  # fmt: skip
+
+
+def build_optimizer(args, unet, device):
+    return torch.optim.AdamW(
+        unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda",
+    )  # fmt: skip
+
+
+def tracker_config(args) -> dict:
+    """The flags as a tracker records them (TensorBoard hparams, wandb config): scalars, no secrets."""
+    config = hub.without_secrets(vars(args))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
+@dataclass
+class TrainingRun:
+    """Everything ``prepare`` builds and the loop uses. ``unet`` is what trains (accelerate-wrapped,
+    maybe compiled); ``model`` is the UNet2DModel itself (EMA, sample grids, saving)."""
+
+    args: object
+    accelerator: Accelerator
+    loader: object
+    sampler: object
+    noise_scheduler: DDPMPlusScheduler
+    unet: torch.nn.Module
+    model: UNet2DModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMAModel | None
+    importance_sampler: ImportanceSampler | None
+    num_bins: int
+    max_train_steps: int
+    steps_per_epoch: int
+    layout: dict
+    start_step: int = 0
+    last_grid: Path | None = None
+    checkpoint_pushes: list = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def batches(self):
+        """The batches from ``start_step`` to the end: each epoch in its seeded order, the batches a
+        resumed run already consumed in its first epoch skipped."""
+        ga = self.args.gradient_accumulation_steps
+        first_epoch = self.start_step // self.steps_per_epoch
+        skip = (self.start_step % self.steps_per_epoch) * ga
+        for epoch in range(first_epoch, math.ceil(self.max_train_steps / self.steps_per_epoch)):
+            self.sampler.set_epoch(epoch)
+            loader = self.loader
+            if epoch == first_epoch and skip:
+                loader = self.accelerator.skip_first_batches(self.loader, skip)
+            loader.set_epoch(epoch)
+            yield from loader
+
+    def step(self, batch, micro_step: int) -> StepOutput:
+        args = self.args
+        return training_step(
+            batch, self.unet, self.noise_scheduler, self.optimizer, self.lr_scheduler, self.accelerator,
+            step_seed=derive_seed(args.seed, "noise", micro_step), loss_type=args.loss, snr_gamma=args.snr_gamma,
+            max_grad_norm=args.max_grad_norm, num_bins=self.num_bins, ema=self.ema,
+            importance_sampler=self.importance_sampler,
+        )  # fmt: skip
+
+
+def _prepare_output_dir(accelerator, output_dir: Path) -> None:
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt.remove_stale_tmp(output_dir):
+            logger.info("removed incomplete checkpoint %s", stale)
+    accelerator.wait_for_everyone()
+
+
+def prepare(args) -> TrainingRun:
+    """Accelerator, data, model, optimizer, schedules and EMA; resumed from a checkpoint when asked."""
+    accelerator = build_accelerator(args)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(args.seed)  # the same initial weights on every process
+    _prepare_output_dir(accelerator, Path(args.output_dir))
+    loader, sampler, num_images, num_bins = build_dataloader(args, accelerator)
+    noise_scheduler = build_scheduler(args)
+    unet = build_unet(args)
+    if args.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(args, unet, accelerator.device)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    ga = args.gradient_accumulation_steps
+    steps_per_epoch = len(loader) // ga  # exact: EpochSampler keeps whole optimizer steps
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    # Not passed to accelerator.prepare: its wrapper steps the schedule once per process per call
+    # (diffusers' example scales by num_processes instead). Stepped on optimizer steps only, so warmup
+    # and decay are counted in optimizer steps under gradient accumulation.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    model = accelerator.unwrap_model(unet)
+    if args.compile:  # after prepare, so accelerate's wrappers (DDP, autocast) are compiled with it
+        unet = torch.compile(unet, dynamic=False)
+    run = TrainingRun(
+        args=args, accelerator=accelerator, loader=loader, sampler=sampler, noise_scheduler=noise_scheduler,
+        unet=unet, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        ema=build_ema(args, model) if args.use_ema else None,
+        importance_sampler=ImportanceSampler(args.num_train_timesteps) if args.loss == "vlb" else None,
+        num_bins=num_bins, max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
+        layout={"samples_per_step": args.train_batch_size * accelerator.num_processes * ga,
+                "steps_per_epoch": steps_per_epoch, "seed": args.seed},
+    )  # fmt: skip
+    resume(run)
+    if args.logger != "none":
+        accelerator.init_trackers("train", config=tracker_config(args))
+    logger.info(
+        "%d images, %d processes, %d images per optimizer step, %d steps per epoch, %d steps, UNet %.2fM parameters",
+        num_images, accelerator.num_processes, run.layout["samples_per_step"], steps_per_epoch, max_train_steps,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )  # fmt: skip
+    return run
+
+
+def resume(run: TrainingRun) -> None:
+    """Load ``--resume_from_checkpoint`` into ``run`` (sets ``start_step``), or seed a new run."""
+    args = run.args
+    if args.resume_from_checkpoint is None:
+        set_seed(args.seed, device_specific=True)  # dropout masks differ between processes
+        return
+    if args.resume_from_checkpoint == "latest":
+        path = ckpt.latest_checkpoint(run.output_dir)
+    else:
+        path = Path(args.resume_from_checkpoint)
+    if path is None:
+        logger.info("no complete checkpoint in %s: starting a new run", run.output_dir)
+        return
+    run.start_step = ckpt.load_training_state(path, run.layout)
+    run.accelerator.load_state(str(path))
+    ckpt.load_lr_scheduler(path, run.lr_scheduler)
+    if run.ema is not None:
+        ckpt.load_ema(path, run.ema)
+    if run.importance_sampler is not None:
+        ckpt.load_importance_sampler(path, run.importance_sampler)
+    logger.info("resumed from %s at step %d", path, run.start_step)
+
+
+# ----------------------------------------------------------------------------------------- logging
+
+
+class TrainingMeter:
+    """Loss and gradient-norm sums kept on the device (no host sync per step), the non-finite-loss check,
+    the progress bar and the throughput clock (paused for checkpoints and sample grids)."""
+
+    def __init__(self, run: TrainingRun):
+        self.run = run
+        device = run.accelerator.device
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_last = torch.zeros((), device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.steps_in_interval = 0
+        self.interval_start = time.perf_counter()
+        self.train_time = 0.0
+        self.last_loss = float("nan")
+        self.progress = tqdm(
+            total=run.max_train_steps,
+            initial=run.start_step,
+            desc="steps",
+            disable=not run.accelerator.is_local_main_process,
+        )
+
+    def record(self, out: StepOutput, step: int) -> None:
+        """After every micro-step of optimizer step ``step`` (1-based)."""
+        self.loss_sum += out.loss
+        bad = (self.first_bad_step < 0) & ~torch.isfinite(out.loss)
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+        if self.run.accelerator.sync_gradients:
+            self.steps_in_interval += 1
+            if out.grad_norm is not None:
+                self.grad_norm_last = out.grad_norm.detach()
+            self.progress.update(1)
+
+    def check_finite(self) -> None:
+        """Host sync: stop if any process saw a non-finite loss since the start."""
+        bad = self.run.accelerator.gather(self.first_bad_step[None]).max().item()
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at optimizer step {bad}; stopping. "
+                f"The last checkpoint before it (if any) in {self.run.output_dir} is intact: resume with "
+                "--resume_from_checkpoint latest after lowering --learning_rate or checking the data."
+            )
+
+    def log(self, step: int, done: bool) -> None:
+        """Every ``--logging_steps`` and at the end: mean loss, lr, grad norm and images/s to the trackers."""
+        run, args = self.run, self.run.args
+        if step % args.logging_steps and not done:
+            return
+        self.check_finite()
+        elapsed = time.perf_counter() - self.interval_start
+        self.train_time += elapsed
+        ga = args.gradient_accumulation_steps
+        mean_loss = run.accelerator.reduce(self.loss_sum / (self.steps_in_interval * ga), reduction="mean").item()
+        logs = {
+            "loss": mean_loss,
+            "lr": run.lr_scheduler.get_last_lr()[0],
+            "images_per_s": self.steps_in_interval * run.layout["samples_per_step"] / elapsed,
+        }
+        if args.max_grad_norm > 0:
+            logs["grad_norm"] = self.grad_norm_last.item()
+        self.progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+        run.accelerator.log(logs, step=step)
+        self.last_loss = mean_loss
+        self.loss_sum.zero_()
+        self.steps_in_interval = 0
+        self.interval_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside does not count towards images/s (checkpoints, sample grids)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.interval_start += time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def make_pipeline(unet, noise_scheduler):
+    """A DDPMPlusPipeline around ``unet`` with a fresh scheduler copy (never the training object)."""
+    pipe = DDPMPlusPipeline(unet=unet, scheduler=DDPMPlusScheduler.from_config(noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class ema_weights:
+    """Context manager: the model holds the EMA weights inside, its own weights again after."""
+
+    def __init__(self, ema, model):
+        self.ema, self.model = ema, model
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+
+
+def save_sample_grid(args, model, ema, noise_scheduler, step) -> Path:
+    """Sample ``--eval_batch_size`` images with EMA weights and a respaced scheduler copy; main process only.
+    ``model`` is the unwrapped UNet2DModel (not DDP, not compiled)."""
+    path = Path(args.output_dir) / "samples" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    with ema_weights(ema, model), torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            generator = torch.Generator(device=model.device).manual_seed(args.seed)
+            images = make_pipeline(model, noise_scheduler)(
+                batch_size=args.eval_batch_size, generator=generator,
+                num_inference_steps=args.eval_inference_steps, output_type="pil",
+            ).images  # fmt: skip
+        finally:
+            model.train()
+    image_grid(images).save(path)
+    return path
+
+
+def save_final_pipeline(args, model, ema, noise_scheduler) -> None:
+    with ema_weights(ema, model):
+        make_pipeline(model, noise_scheduler).save_pretrained(args.output_dir, safe_serialization=True)
+
+
+def write_card(args, summary, num_processes) -> Path:
+    return hub.write_model_card(
+        args.output_dir,
+        repo_id=args.hub_model_id,
+        training_config=hub.without_secrets(vars(args)),
+        dataset_name=args.dataset_name,
+        dataset_description=(
+            "scikit-learn's digits (bundled with ddpm_plus: train split, 1,437 images of 8x8 with 17 grey levels)"
+            if uses_digits(args)
+            else f"image folder {args.train_data_dir}"
+            if args.train_data_dir
+            else None
+        ),  # fmt: skip
+        hardware=hub.describe_hardware(num_processes),
+        train_steps=summary["global_step"],
+        images_per_second=summary["images_per_s"],
+        final_loss=summary["final_loss"],
+    )
+
+
+def push(args, *, run_as_future=False):
+    return hub.push_output_dir(
+        args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+        run_as_future=run_as_future,
+    )  # fmt: skip
+
+
+def write_extra_state(directory, *, global_step, layout, lr_scheduler, ema, importance_sampler):
+    if ema is not None:
+        ckpt.save_ema(directory, ema)
+    if importance_sampler is not None:
+        ckpt.save_importance_sampler(directory, importance_sampler)
+    ckpt.save_lr_scheduler(directory, lr_scheduler)
+    ckpt.write_json(directory / ckpt.STATE_FILE, {"global_step": global_step, **layout})  # marks it complete
+
+
+def maybe_checkpoint(run: TrainingRun, meter: TrainingMeter, step: int, done: bool) -> None:
+    """Every ``--checkpointing_steps`` and at the end: an atomic checkpoint (all processes), pruning, and
+    with ``--push_checkpoints`` a background push of the current EMA pipeline."""
+    args = run.args
+    if step % args.checkpointing_steps and not done:
+        return
+    meter.check_finite()
+    path = ckpt.save_checkpoint(
+        run.accelerator, run.output_dir, step,
+        lambda d: write_extra_state(d, global_step=step, layout=run.layout, lr_scheduler=run.lr_scheduler,
+                                    ema=run.ema, importance_sampler=run.importance_sampler),
+    )  # fmt: skip
+    if not run.accelerator.is_main_process:
+        return
+    for old in ckpt.prune_checkpoints(run.output_dir, args.checkpoints_total_limit or None):
+        logger.info("removed old checkpoint %s", old)
+    logger.info("saved %s", path)
+    if args.push_checkpoints and not done:  # the current EMA pipeline, uploaded in the background
+        save_final_pipeline(args, run.model, run.ema, run.noise_scheduler)
+        write_card(
+            args,
+            {"global_step": step, "images_per_s": None, "final_loss": meter.last_loss},
+            run.accelerator.num_processes,
+        )
+        try:
+            run.checkpoint_pushes.append(push(args, run_as_future=True))
+        except hub.HubPushError as e:
+            logger.warning("checkpoint push not started: %s", e)
+
+
+def maybe_save_samples(run: TrainingRun, meter: TrainingMeter, step: int, done: bool) -> None:
+    """Every ``--save_images_steps`` (0: never) and at the end: a sample grid, on the main process."""
+    every = run.args.save_images_steps
+    if not (every and step % every == 0) and not done:
+        return
+    meter.check_finite()
+    if run.accelerator.is_main_process:
+        run.last_grid = save_sample_grid(run.args, run.model, run.ema, run.noise_scheduler, step)
+    run.accelerator.wait_for_everyone()
+
+
+def finish(run: TrainingRun, meter: TrainingMeter, step: int) -> dict:
+    """The final pipeline and model card (main process), the end of tracking, and the push if asked."""
+    meter.progress.close()
+    meter.check_finite()
+    accelerator, args = run.accelerator, run.args
+    accelerator.wait_for_everyone()
+    trained_images = (step - run.start_step) * run.layout["samples_per_step"]
+    summary = {
+        "global_step": step,
+        "final_loss": meter.last_loss,
+        "images_per_s": trained_images / meter.train_time if meter.train_time > 0 else None,
+        "unet_parameters": sum(p.numel() for p in run.model.parameters()),
+        "num_processes": accelerator.num_processes,
+        "last_grid": str(run.last_grid) if run.last_grid else None,
+    }
+    if accelerator.is_main_process:
+        save_final_pipeline(args, run.model, run.ema, run.noise_scheduler)
+        write_card(args, summary, accelerator.num_processes)
+        logger.info("saved the pipeline and model card to %s: %s", run.output_dir, summary)
+    accelerator.end_training()
+    if accelerator.is_main_process and args.push_to_hub:
+        for future in run.checkpoint_pushes:
+            if future.exception() is not None:
+                logger.warning("a checkpoint push failed (the final push follows): %s", future.exception())
+        commit = push(args)
+        logger.info("pushed %s to %s", run.output_dir, commit.commit_url)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+def train(args) -> dict:
+    """Prepare, then per optimizer step: batches, loss, optimizer and EMA (``training_step``), then one
+    call each for logging, checkpointing and sample grids. Returns a summary dict."""
+    run = prepare(args)
+    meter = TrainingMeter(run)
+    step, micro_step = run.start_step, run.start_step * args.gradient_accumulation_steps
+    run.unet.train()
+    for batch in run.batches() if step < run.max_train_steps else ():
+        out = run.step(batch, micro_step)
+        micro_step += 1
+        meter.record(out, step + 1)
+        if not run.accelerator.sync_gradients:
+            continue
+        step += 1
+        done = step >= run.max_train_steps
+        meter.log(step, done)
+        with meter.paused():  # throughput excludes checkpoints and grids
+            maybe_checkpoint(run, meter, step, done)
+            maybe_save_samples(run, meter, step, done)
+            # periodic evaluation, when it comes, is one more call here
+        if done:
+            break
+    return finish(run, meter, step)
+
+
+def main(argv=None, prog: str | None = None):
+    """``accelerate launch -m ddpm_plus.train [flags]`` / ``ddpm-plus train [flags]``."""
+    args = parse_args(argv, prog)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    redact = hub.RedactSecrets(args.hub_token)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(redact)
+    if args.hub_token and os.environ.get("RANK", "0") == "0":
+        logger.warning(hub.TOKEN_ON_COMMAND_LINE)
+    try:
+        return train(args)
+    except (NonFiniteLossError, ValueError, hub.HubPushError) as e:
+        print(f"error: {hub.redact(str(e), args.hub_token)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from e
+    finally:
+        for handler in handlers:
+            handler.removeFilter(redact)
+
+
+if __name__ == "__main__":
+    main()
