@@ -37,11 +37,13 @@ def variants(device: torch.device, with_compile: bool) -> dict[str, dict]:
         "fast fp16+cl+graph": dict(dtype=torch.float16, channels_last=True, cuda_graph=True),
     }
     if with_compile:
-        v["fast bf16+cl+compile+graph"] = dict(dtype=torch.bfloat16, channels_last=True, compile="default",
-                                               cuda_graph=True)
+        v["fast bf16+cl+compile+graph"] = dict(
+            dtype=torch.bfloat16, channels_last=True, compile="default", cuda_graph=True
+        )
         # torch.compile's own CUDA graphs instead of the sampler's capture (inductor's cache makes it cheaper)
-        v["fast bf16+cl+compile(reduce-overhead)"] = dict(dtype=torch.bfloat16, channels_last=True,
-                                                          compile="reduce-overhead")
+        v["fast bf16+cl+compile(reduce-overhead)"] = dict(
+            dtype=torch.bfloat16, channels_last=True, compile="reduce-overhead"
+        )
     return v
 
 
@@ -78,11 +80,24 @@ def run(device="cpu", tiny=True, batch=None, steps=None, rounds=5, with_compile=
     rows = {}
     for name, s in samples.items():
         med = summary(s)["median_s"]
-        rows[name] = {"ms_per_step": med / steps * 1e3, "images_per_s_1000_steps": batch / (med / steps * 1000),
-                      "speedup_vs_diffusers": base / med, "min_ms_per_step": min(s) / steps * 1e3}
-    result = {"device": _device_name(device), "unet": "tiny" if tiny else "ddpm_cifar10",
-              "unet_parameters": models.num_parameters(unet), "batch": batch, "steps_per_call": steps,
-              "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows, "notes": notes, "errors": errors}
+        rows[name] = {
+            "ms_per_step": med / steps * 1e3,
+            "images_per_s_1000_steps": batch / (med / steps * 1000),
+            "speedup_vs_diffusers": base / med,
+            "min_ms_per_step": min(s) / steps * 1e3,
+        }
+    result = {
+        "device": _device_name(device),
+        "unet": "tiny" if tiny else "ddpm_cifar10",
+        "unet_parameters": models.num_parameters(unet),
+        "batch": batch,
+        "steps_per_call": steps,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "notes": notes,
+        "errors": errors,
+    }
     if device.type == "cuda":
         result["sync_check"] = sync_check(ours, batch, steps)
         result["stats_check"] = stats_check(ours, batch, device)
@@ -112,25 +127,39 @@ def stats_check(pipe, batch, device, steps=50) -> dict:
     """Per-channel mean/std of bf16+channels_last+graph samples vs the fp32 pipeline, same generator,
     differences in standard errors of the mean (std/sqrt(N)) and of the std (std/sqrt(2N)); and the
     float32 CUDA-graph sampler's largest pixel difference from the pipeline."""
-    ref = pipe(batch, generator=torch.Generator(device).manual_seed(7), num_inference_steps=steps,
-               output_type="pt").images.double()
+    ref = pipe(
+        batch, generator=torch.Generator(device).manual_seed(7), num_inference_steps=steps, output_type="pt"
+    ).images.double()
     fast = FastSampler(pipe, dtype=torch.bfloat16, channels_last=True)(
-        batch, steps, torch.Generator(device).manual_seed(7), output_type="pt").images.double()
+        batch, steps, torch.Generator(device).manual_seed(7), output_type="pt"
+    ).images.double()
     n = ref[:, 0].numel()
     rows = []
     for c in range(ref.shape[1]):
         r, f = ref[:, c], fast[:, c]
         sd = r.std().item()
-        rows.append({"channel": c, "fp32_mean": r.mean().item(), "bf16_mean": f.mean().item(), "fp32_std": sd,
-                     "bf16_std": f.std().item(),
-                     "z_mean": (f.mean().item() - r.mean().item()) / (sd / math.sqrt(n)),
-                     "z_std": (f.std().item() - sd) / (sd / math.sqrt(2 * n))})
+        rows.append(
+            {
+                "channel": c,
+                "fp32_mean": r.mean().item(),
+                "bf16_mean": f.mean().item(),
+                "fp32_std": sd,
+                "bf16_std": f.std().item(),
+                "z_mean": (f.mean().item() - r.mean().item()) / (sd / math.sqrt(n)),
+                "z_std": (f.std().item() - sd) / (sd / math.sqrt(2 * n)),
+            }
+        )
     # The captured float32 chain must reproduce the pipeline itself (same generator, same noise order).
     graph32 = FastSampler(pipe, dtype=torch.float32, channels_last=False, cuda_graph=True)(
-        batch, steps, torch.Generator(device).manual_seed(7), output_type="pt").images.double()
-    return {"steps": steps, "batch": batch, "channels": rows,
-            "bf16_max_abs_pixel_diff": (ref - fast).abs().max().item(),
-            "fp32_graph_max_abs_pixel_diff": (ref - graph32).abs().max().item()}
+        batch, steps, torch.Generator(device).manual_seed(7), output_type="pt"
+    ).images.double()
+    return {
+        "steps": steps,
+        "batch": batch,
+        "channels": rows,
+        "bf16_max_abs_pixel_diff": (ref - fast).abs().max().item(),
+        "fp32_graph_max_abs_pixel_diff": (ref - graph32).abs().max().item(),
+    }
 
 
 def _device_name(device) -> str:
@@ -140,17 +169,23 @@ def _device_name(device) -> str:
 
 
 def report(r: dict) -> str:
-    lines = [f"sampling ({r['device']}, {r['unet']} UNet {r['unet_parameters'] / 1e6:.2f}M params, batch {r['batch']}, "
-             f"{r['steps_per_call']} steps per timed call, {r['rounds']} interleaved rounds, medians)"]
+    lines = [
+        f"sampling ({r['device']}, {r['unet']} UNet {r['unet_parameters'] / 1e6:.2f}M params, batch {r['batch']}, "
+        f"{r['steps_per_call']} steps per timed call, {r['rounds']} interleaved rounds, medians)"
+    ]
     lines.append(f"  {'variant':<30} {'ms/step':>9} {'img/s @1000 steps':>18} {'x diffusers':>12}")
     for name, row in r["rows"].items():
-        lines.append(f"  {name:<30} {row['ms_per_step']:>9.2f} {row['images_per_s_1000_steps']:>18.2f} "
-                     f"{row['speedup_vs_diffusers']:>12.2f}")
+        lines.append(
+            f"  {name:<30} {row['ms_per_step']:>9.2f} {row['images_per_s_1000_steps']:>18.2f} "
+            f"{row['speedup_vs_diffusers']:>12.2f}"
+        )
     lines += [f"  note: {n}" for n in r["notes"]]
     lines += [f"  ERROR {k}: {v}" for k, v in r["errors"].items()]
     if "sync_check" in r:
         lines.append(f"  sync check: {r['sync_check']}")
         zs = [(round(c["z_mean"], 2), round(c["z_std"], 2)) for c in r["stats_check"]["channels"]]
-        lines.append(f"  bf16 vs fp32 stats (z of mean, z of std per channel): {zs}; fp32 CUDA-graph sampler vs "
-                     f"pipeline, max |pixel diff|: {r['stats_check']['fp32_graph_max_abs_pixel_diff']:.2e}")
+        lines.append(
+            f"  bf16 vs fp32 stats (z of mean, z of std per channel): {zs}; fp32 CUDA-graph sampler vs "
+            f"pipeline, max |pixel diff|: {r['stats_check']['fp32_graph_max_abs_pixel_diff']:.2e}"
+        )
     return "\n".join(lines)

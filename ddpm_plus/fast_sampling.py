@@ -5,34 +5,29 @@ graph (or compiled with ``torch.compile``), with no host synchronisation inside 
     sampler = FastSampler(pipe)                  # bf16 + channels_last + CUDA graph on a GPU
     images = sampler(batch_size=256, num_inference_steps=1000, generator=g).images
 
-The sampled chain is the scheduler's own (its float64 tables and its formulas, run in float32): the
-noise is drawn from ``generator`` in the same order and shapes as ``DDPMPlusPipeline`` draws it, so a
-float32, non-channels_last ``FastSampler`` reproduces the pipeline's images for the same generator up
-to float32 rounding; other settings change only the UNet's arithmetic (tests/test_fast_paths.py).
+The sampled chain is the scheduler's own: its public ``step_coefficients()`` (cast to float32) and its
+step formula ``ancestral_step``. The noise is drawn from ``generator`` in the same order and shapes as
+``DDPMPlusPipeline`` draws it, so a float32, non-channels_last ``FastSampler`` reproduces the pipeline's
+images for the same generator up to float32 rounding; other settings change only the UNet's arithmetic
+(tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .pipeline_ddpm_plus import OUTPUT_TYPES as PIPELINE_OUTPUT_TYPES
 from .pipeline_ddpm_plus import check_sampling_inputs, labels_tensor, postprocess
-from .scheduling_ddpm_plus import DDPMPlusScheduler
+from .scheduling_ddpm_plus import DDPMPlusScheduler, StepCoefficients
 
 OUTPUT_TYPES = PIPELINE_OUTPUT_TYPES + ("latent",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # modes that capture CUDA graphs themselves
-# Columns of the scheduler's per-timestep table that the step reads (DDPMPlusScheduler._table_np).
-_COLUMNS = (
-    "sqrt_alpha_prod", "sqrt_one_minus_alpha_prod", "sqrt_recip_alpha_prod", "sqrt_recipm1_alpha_prod",
-    "coef_x0", "coef_xt", "log_variance_small", "log_variance_large", "log_beta",
-)
 
 
 class FastSampler:
@@ -88,44 +83,35 @@ class FastSampler:
         self.unet_config = unet.config
         self._step_fn = torch.compile(self._step, mode=compile) if compile is not None else self._step
         T = self.scheduler.config.num_train_timesteps
-        # Device tables with room for every step count: row i = step i of the current schedule.
-        self._table = torch.zeros(T, len(_COLUMNS) + 1, device=self.device, dtype=torch.float32)
+        # A device table with room for every step count: row i = step i of the current schedule, one
+        # column per StepCoefficients field.
+        self._table = torch.zeros(T, len(StepCoefficients._fields), device=self.device, dtype=torch.float32)
         self._timesteps = torch.zeros(T, device=self.device, dtype=torch.long)
         self._schedule = None  # num_inference_steps the tables hold
         self._graphs = {}  # batch_size -> (graph, static buffers)
 
     # ------------------------------------------------------------------ tables
     def _load_schedule(self, num_inference_steps: int) -> None:
-        """All steps' coefficients as one float32 device table (float64 on the host before the cast);
-        the last column is 1 where the step adds noise and 0 at the final step (ᾱ_prev = 1)."""
+        """The scheduler's ``step_coefficients()`` (float64) as one float32 device table."""
         if self._schedule == num_inference_steps:
             return
         s = self.scheduler
         s.set_timesteps(num_inference_steps)
-        ts = s.timesteps.cpu().numpy()
-        cols = [s._table_np[k][ts] for k in _COLUMNS] + [(s._table_np["prev"][ts] >= 0).astype(np.float64)]
-        n = len(ts)
-        self._table[:n].copy_(torch.from_numpy(np.stack(cols, axis=1)).to(torch.float32))
-        self._timesteps[:n].copy_(torch.from_numpy(ts.astype(np.int64)))
+        c = s.step_coefficients()
+        n = len(c.timestep)
+        self._table[:n].copy_(torch.stack([v.to(torch.float64) for v in c], dim=1).to(torch.float32))
+        self._timesteps[:n].copy_(c.timestep)
         self._schedule = num_inference_steps
 
     # ------------------------------------------------------------------ one step
     def _step(self, x, noise, index, class_labels):
-        """x_t -> x_prev for step ``index`` (a 1-element device tensor): the scheduler's ``step`` with
-        coefficients gathered on the device (eqs. 30 and 32 through the scheduler's own helpers)."""
-        s = self.scheduler
-        row = self._table.index_select(0, index)[0]
-        c = {k: row[j] for j, k in enumerate(_COLUMNS)}
+        """x_t -> x_prev for step ``index`` (a 1-element device tensor): the scheduler's own step formula
+        (``ancestral_step``) with that step's coefficients gathered on the device (0-d tensors)."""
+        c = StepCoefficients(*self._table.index_select(0, index)[0].unbind())
         t = self._timesteps.index_select(0, index)
         model_output = self.unet(x.to(self.dtype), t, class_labels=class_labels).sample
-        prediction, variance_output = s._split_model_output(model_output, x)
-        x0 = s._predict_x0(prediction, x, c)
-        if s.config.clip_sample or s.config.thresholding:
-            x0 = s._clip_or_threshold(x0)
-        mean = c["coef_x0"] * x0 + c["coef_xt"] * x
-        log_variance = s._log_variance(c, variance_output, torch.float32)
-        std = torch.exp(0.5 * log_variance) * row[len(_COLUMNS)]  # σ = 0 at the final step
-        return mean + std * noise
+        prev_sample, _ = self.scheduler.ancestral_step(model_output, x, c, noise)  # σ = 0 at the final step
+        return prev_sample
 
     def _graph(self, batch_size, shape, class_labels):
         """The captured step for this batch size: static x, noise, step index and labels, and the graph."""
@@ -136,7 +122,8 @@ class FastSampler:
             def body():
                 x.copy_(self._step_fn(x, noise, index, labels))
 
-            x.normal_(); noise.normal_()  # finite warm-up data
+            x.normal_()  # finite warm-up data
+            noise.normal_()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

@@ -1,22 +1,21 @@
-"""Exact variational bound of a DDPM, in bits per dimension (shared/notes/math.md, "Likelihood").
+"""Exact variational bound of a DDPM, in bits per dimension (docs/math.md, "Likelihood").
 
     L = L_T + sum_{t=2..T} L_{t-1} + L_0                                   (Ho et al. 2020, eq. 5)
-    L_T     = KL(q(x_T|x_0) || N(0, I))                  q(x_T|x_0): seed eq. (23)
-    L_{t-1} = KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t))  posterior: seed eqs. (25)-(30)
+    L_T     = KL(q(x_T|x_0) || N(0, I))                  q(x_T|x_0): docs/math.md eq. (23)
+    L_{t-1} = KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t))  posterior: docs/math.md eqs. (25)-(30)
     L_0     = -log p(x_0|x_1), a Gaussian discretised to ``num_bins`` levels on [-1, 1]
     bits/dim = L / (D ln 2), D = C*H*W.
 
-Code timestep ``i`` is the seed's t = i + 1, so code step 0 is the decoder. Everything is accumulated
+Code timestep ``i`` is the paper's t = i + 1, so code step 0 is the decoder. Everything is accumulated
 in float64, x_0 is never clipped, and the model runs under ``torch.no_grad`` in its own dtype.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
-
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -26,6 +25,7 @@ __all__ = [
     "vlb_terms",
     "bits_per_dim",
 ]
+
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (broadcasting)."""
@@ -37,9 +37,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     mean1, logvar1, mean2, logvar2 = (
         torch.as_tensor(v, dtype=dtype, device=device) for v in (mean1, logvar1, mean2, logvar2)
     )
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def _log_diff_ndtr(lo, hi):
@@ -66,8 +64,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, num_bins: int = 25
     are open: (-inf, -1 + h] and [1 - h, inf) with h = 1/(num_bins-1). The probabilities of the
     ``num_bins`` bins sum to 1 for any mean and scale.
     """
-    if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 2:
-        raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+    _check_num_bins(num_bins)
     x = torch.as_tensor(x).to(torch.float64)
     means = torch.as_tensor(means).to(device=x.device, dtype=torch.float64)
     log_scales = torch.as_tensor(log_scales).to(device=x.device, dtype=torch.float64)
@@ -79,9 +76,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, num_bins: int = 25
     left = x < -1.0 + half  # the lowest grid level (-1); half a bin of slack for rounding
     right = x > 1.0 - half  # the highest grid level (+1)
     interior = _log_diff_ndtr(lo, hi)
-    return torch.where(
-        left, torch.special.log_ndtr(hi), torch.where(right, torch.special.log_ndtr(-lo), interior)
-    )
+    return torch.where(left, torch.special.log_ndtr(hi), torch.where(right, torch.special.log_ndtr(-lo), interior))
 
 
 def vb_term_nats(
@@ -93,13 +88,16 @@ def vb_term_nats(
     prev_timesteps,
     *,
     num_bins: int = 256,
+    next_timesteps=None,
 ):
     """Elementwise term of the bound in nats, one timestep per batch element.
 
     Where ``prev_timesteps`` is -1 (the step that ends at x_0): the decoder NLL -log p(x_0|x_1) with the
     model's mean and log-variance (for fixed types the scheduler's clipped beta~_2, improved DDPM). Elsewhere:
     KL(q(x_prev|x_t, x_0) || p(x_prev|x_t)) with the exact beta' = 1 - abar_t / abar_prev between the two
-    timesteps. x_0 is never clipped (``clip_denoised=False``).
+    timesteps. x_0 is never clipped (``clip_denoised=False``). ``next_timesteps`` (default: t + 1, the full
+    chain) sets the clipped decoder variance of fixed types: pass the respaced chain's step above 0 for
+    improved-diffusion's respaced convention (README, "Respaced bound convention").
     """
     timesteps = torch.as_tensor(timesteps, device=x_t.device).long().reshape(-1)
     prev_timesteps = torch.as_tensor(prev_timesteps, device=x_t.device).long().reshape(-1)
@@ -108,46 +106,21 @@ def vb_term_nats(
     if prev_timesteps.numel() == 1 and x_t.shape[0] != 1:
         prev_timesteps = prev_timesteps.expand(x_t.shape[0])
     out = scheduler.p_mean_variance(
-        model_output, x_t, timesteps, prev_timestep=prev_timesteps, clip_denoised=False
+        model_output, x_t, timesteps, prev_timestep=prev_timesteps, clip_denoised=False, next_timestep=next_timesteps
     )
     model_mean = out.mean.to(torch.float64)
     model_log_variance = out.log_variance.to(torch.float64)
     is_decoder = (prev_timesteps < 0).reshape((-1,) + (1,) * (x_t.ndim - 1))
 
     # KL terms (at decoder positions q_posterior's clipped log-variance keeps them finite; discarded there).
-    true_mean, _, true_log_variance = scheduler.q_posterior(x_start, x_t, timesteps, prev_timestep=prev_timesteps)
-    kl = normal_kl(
-        true_mean.to(torch.float64), true_log_variance.to(torch.float64), model_mean, model_log_variance
+    true_mean, _, true_log_variance = scheduler.q_posterior(
+        x_start, x_t, timesteps, prev_timestep=prev_timesteps, next_timestep=next_timesteps
     )
+    kl = normal_kl(true_mean.to(torch.float64), true_log_variance.to(torch.float64), model_mean, model_log_variance)
     decoder_nll = -discretized_gaussian_log_likelihood(
         x_start, means=model_mean, log_scales=0.5 * model_log_variance, num_bins=num_bins
     )
     return torch.where(is_decoder, decoder_nll, kl)
-
-
-def _validated_sequence(timesteps, num_train_timesteps: int) -> torch.Tensor:
-    """The user's subsequence as a 1-D long tensor (order kept), checked to be strictly monotone,
-    within [0, T-1], and to contain 0 as its smallest element."""
-    if timesteps is None:
-        return torch.arange(num_train_timesteps, dtype=torch.long)
-    seq = torch.as_tensor(timesteps)
-    if seq.ndim != 1 or seq.numel() == 0:
-        raise ValueError(f"timesteps must be a non-empty 1-D sequence of integers, got shape {tuple(seq.shape)}")
-    if seq.is_floating_point() and not torch.equal(seq, seq.round()):
-        raise ValueError("timesteps must be integers")
-    seq = seq.long().cpu()
-    if seq.numel() > 1:
-        d = seq[1:] - seq[:-1]
-        if not (bool((d > 0).all()) or bool((d < 0).all())):
-            raise ValueError("timesteps must be strictly increasing or strictly decreasing")
-    if int(seq.min()) != 0:
-        raise ValueError(f"timesteps must contain 0 (the decoder step); the smallest given is {int(seq.min())}")
-    if int(seq.max()) >= num_train_timesteps:
-        raise ValueError(
-            f"timesteps must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps={num_train_timesteps}); "
-            f"got {int(seq.max())}"
-        )
-    return seq
 
 
 def _call_model(model, sample, timesteps):
@@ -174,9 +147,14 @@ def _model_device_dtype(model, fallback_device):
     return device, dtype
 
 
-def _check_images(images, num_bins):
+def _check_num_bins(num_bins) -> None:
+    """The one check of ``num_bins`` (used by the decoder likelihood and the image grid check)."""
     if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 2:
         raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+
+
+def _check_images(images, num_bins):
+    _check_num_bins(num_bins)
     if not torch.is_tensor(images) or images.ndim != 4:
         raise ValueError(f"images must be a 4-D tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
     x = images.to(torch.float64)
@@ -193,14 +171,14 @@ def _check_images(images, num_bins):
 
 @torch.no_grad()
 def vlb_terms(
-    model: Union[Callable, torch.nn.Module],
+    model: Callable | torch.nn.Module,
     scheduler,
     x_start: torch.Tensor,
     *,
-    timesteps: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    timesteps: Sequence[int] | torch.Tensor | None = None,
     num_bins: int = 256,
-    generator: Optional[torch.Generator] = None,
-    batch_size: Optional[int] = None,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
     progress: bool = True,
 ):
     """Every term of the bound for each image, in bits/dim (float64, on CPU).
@@ -217,15 +195,19 @@ def vlb_terms(
     ``scheduler`` may be any scheduler whose config DDPMPlusScheduler accepts (e.g. diffusers'
     DDPMScheduler): the bound uses a fresh ``DDPMPlusScheduler.from_config(scheduler.config)``.
     """
-    from .scheduling_ddpm_plus import DDPMPlusScheduler
+    from .scheduling_ddpm_plus import DDPMPlusScheduler, respace
 
-    scheduler = DDPMPlusScheduler.from_config(scheduler.config)  # fresh: no set_timesteps state
+    scheduler = DDPMPlusScheduler.from_config(scheduler.config)
     _check_images(x_start, num_bins)
     num_train = int(scheduler.config.num_train_timesteps)
-    seq = _validated_sequence(timesteps, num_train)
-    ascending = torch.sort(seq).values
-    prev_of = {int(ascending[0]): -1}
-    prev_of.update({int(t): int(p) for p, t in zip(ascending[:-1], ascending[1:])})
+    if timesteps is None:
+        timesteps = torch.arange(num_train)
+    chain = respace(num_train, timesteps=timesteps, allow_increasing=True)  # validates the sequence
+    if int(chain.timesteps[-1]) != 0:
+        raise ValueError(
+            f"timesteps must contain 0 (the decoder step); the smallest given is {int(chain.timesteps[-1])}"
+        )
+    seq = torch.as_tensor(timesteps).reshape(-1).long().cpu()  # the order given
     device, model_dtype = _model_device_dtype(model, x_start.device)
     n = x_start.shape[0]
     batch_size = n if batch_size is None else int(batch_size)
@@ -237,7 +219,7 @@ def vlb_terms(
     x0_all = x_start.detach().to("cpu", torch.float64)
     terms = torch.zeros(n, seq.numel(), dtype=torch.float64)
     # L_T: KL(q(x_T|x_0) || N(0, I)) with q from eq. (23), at the largest timestep of the sequence.
-    abar_top = alphas_cumprod[int(ascending[-1])]
+    abar_top = alphas_cumprod[int(chain.timesteps[0])]
     prior = normal_kl(abar_top.sqrt() * x0_all, torch.log1p(-abar_top), 0.0, 0.0)
     prior_bpd = prior.flatten(1).sum(1) * to_bpd
 
@@ -254,9 +236,8 @@ def vlb_terms(
             x_t = x_t_all[start : start + batch_size].to(device)
             t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
             out = _call_model(model, x_t.to(model_dtype), t_batch).to(torch.float64)
-            term = vb_term_nats(
-                scheduler, out, x0, x_t, t_batch, torch.full_like(t_batch, prev_of[t]), num_bins=num_bins
-            )
+            prev = torch.full_like(t_batch, int(chain.prev_timestep[t]))
+            term = vb_term_nats(scheduler, out, x0, x_t, t_batch, prev, num_bins=num_bins)
             terms[start : start + x0.shape[0], k] = term.flatten(1).sum(1).cpu() * to_bpd
     return {
         "timesteps": seq,
@@ -274,8 +255,8 @@ def bits_per_dim(
     *,
     num_bins: int = 256,
     timesteps=None,
-    batch_size: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Per-image bits/dim of the variational bound (float64 tensor [N]); see ``vlb_terms``.
@@ -283,6 +264,12 @@ def bits_per_dim(
     ``images`` are [N, C, H, W] in [-1, 1] on the grid of ``num_bins`` levels (256 for 8-bit data).
     """
     return vlb_terms(
-        model, scheduler, images, timesteps=timesteps, num_bins=num_bins, generator=generator,
-        batch_size=batch_size, progress=progress,
+        model,
+        scheduler,
+        images,
+        timesteps=timesteps,
+        num_bins=num_bins,
+        generator=generator,
+        batch_size=batch_size,
+        progress=progress,
     )["total_bpd"]

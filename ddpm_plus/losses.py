@@ -10,7 +10,6 @@ estimate of the whole bound for uniform t) and ``hybrid`` returns L_simple + 0.0
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -73,7 +72,7 @@ def compute_loss(
     timesteps: torch.Tensor,
     *,
     loss_type: str = "simple",
-    snr_gamma: Optional[float] = None,
+    snr_gamma: float | None = None,
     num_bins: int = 256,
 ) -> torch.Tensor:
     """Per-example float32 loss, shape [B].
@@ -171,7 +170,7 @@ class ImportanceSampler:
         p = w / w.sum() * (1.0 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
         return torch.from_numpy(p / p.sum())
 
-    def sample(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None):
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None):
         """(timesteps LongTensor [batch_size], weights float32 [batch_size] = 1/(T p_t)) on ``device``."""
         p = self.probabilities()
         gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -185,7 +184,7 @@ class ImportanceSampler:
         ls = torch.as_tensor(losses).detach().reshape(-1).cpu().double().tolist()
         if len(ts) != len(ls):
             raise ValueError(f"timesteps and losses must have the same length, got {len(ts)} and {len(ls)}")
-        for t, loss in zip(ts, ls):
+        for t, loss in zip(ts, ls, strict=True):
             if not 0 <= t < self.num_timesteps:
                 raise ValueError(f"timestep {t} outside [0, {self.num_timesteps - 1}]")
             if self._counts[t] == self.history_per_term:

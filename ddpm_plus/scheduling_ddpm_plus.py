@@ -1,18 +1,20 @@
 """DDPMPlusScheduler: the DDPM forward process, posterior and ancestral sampler, exactly.
 
-Equation numbers refer to the seed tutorial (``ddpm-math-zh.md``; English restatement with errata in
-``notes/math.md``). Tables are 0-based as in diffusers: index ``i`` is the tutorial's ``t = i + 1``,
-and the "previous" of index 0 is ᾱ_0 := 1 (written as timestep ``-1`` below).
+Equation numbers are those of ``docs/math.md``. Tables are 0-based as in diffusers: index ``i`` is the
+paper's t = i + 1, and the "previous" of index 0 is ᾱ_0 := 1 (written as timestep ``-1`` below).
 
-Everything is computed once in float64. The arithmetic applied to a sample runs in float32 (float64
-for float64 samples) whatever the sample dtype, and results come back in the sample's dtype.
+All coefficients come from one float64 formula set (:func:`_coefficient_table`). The arithmetic applied to
+a sample runs in float32 (float64 for float64 samples) whatever the sample dtype; results come back in the
+sample's dtype. Only :meth:`DDPMPlusScheduler.step` (and what diffusers defines on the sampling sequence:
+``timesteps``, ``num_inference_steps``, ``previous_timestep``, ``_get_variance``, ``step_coefficients``)
+depends on ``set_timesteps``; every other method is a pure function of the config and its arguments.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +22,15 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+__all__ = [
+    "DDPMPlusScheduler",
+    "DDPMPlusSchedulerOutput",
+    "PMeanVariance",
+    "Respacing",
+    "StepCoefficients",
+    "respace",
+]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -32,8 +43,8 @@ TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 class DDPMPlusSchedulerOutput(BaseOutput):
     """Output of :meth:`DDPMPlusScheduler.step`.
 
-    prev_sample: x_{t-1} (or x at the previous respaced timestep), to be fed back into the model.
-    pred_original_sample: the model's x̂_0 (eq. 32), after clipping/thresholding if configured.
+    prev_sample: x at the previous timestep of the sequence, to be fed back into the model.
+    pred_original_sample: the model's x̂_0 (docs/math.md eq. (32)), clipped/thresholded if configured.
     """
 
     prev_sample: torch.Tensor
@@ -49,13 +60,125 @@ class PMeanVariance(NamedTuple):
     pred_original_sample: torch.Tensor
 
 
+class StepCoefficients(NamedTuple):
+    """Coefficients of reverse steps ``timestep -> prev_timestep`` (``-1``: the step ends at x_0), one entry
+    per step, with β' = 1 − ᾱ_t/ᾱ_prev of the pair (docs/math.md eq. (56); β' = β_t on the full chain).
+
+    From :meth:`DDPMPlusScheduler.coefficients` / :meth:`~DDPMPlusScheduler.step_coefficients`: int64
+    (timesteps) and float64 tensors. ``posterior_log_variance_clipped`` is log β̃' except where β̃' = 0 (a
+    step ending at x_0), where it is log β̃ of the pair (next_timestep -> timestep) (Nichol & Dhariwal 2021),
+    or log β' if there is no next timestep.
+    """
+
+    timestep: Any
+    prev_timestep: Any
+    sqrt_alpha_prod: Any  # √ᾱ_t
+    sqrt_one_minus_alpha_prod: Any  # √(1 − ᾱ_t)
+    sqrt_recip_alpha_prod: Any  # 1/√ᾱ_t
+    posterior_mean_coef1: Any  # μ̃ = coef1·x_0 + coef2·x_t, eqs. (30), (58)
+    posterior_mean_coef2: Any
+    posterior_variance: Any  # β̃' = β'(1 − ᾱ_prev)/(1 − ᾱ_t), eqs. (30), (58)
+    posterior_log_variance_clipped: Any  # fixed_small; learned_range's minimum
+    beta: Any  # β'
+    log_beta: Any  # log β': learned_range's maximum
+    large_log_variance_clipped: Any  # fixed_large: log β', clipped like the posterior at a step to x_0
+    posterior_std_clipped: Any  # σ of fixed_small: exp(posterior_log_variance_clipped / 2)
+    large_std_clipped: Any  # σ of fixed_large: exp(large_log_variance_clipped / 2)
+
+
+_INT_FIELDS = ("timestep", "prev_timestep")
+
+
+class Respacing(NamedTuple):
+    """A sampling sequence and its neighbours (from :func:`respace`).
+
+    timesteps: the sequence, strictly descending int64. prev_timestep / next_timestep: int64 arrays of
+    length T; entry t is the next lower / higher timestep of the sequence (-1: none), for every t.
+    """
+
+    timesteps: np.ndarray
+    prev_timestep: np.ndarray
+    next_timestep: np.ndarray
+
+
 def _one_of(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
 
 
+def _check_spacing(timestep_spacing: str, steps_offset: int) -> None:
+    _one_of("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+        raise ValueError(f"`steps_offset` must be an integer >= 0; got {steps_offset!r}.")
+
+
+def _spaced(T: int, n: int, spacing: str, steps_offset: int) -> np.ndarray:
+    """Exactly ``n`` distinct descending timesteps in [0, T-1] (diffusers' conventions, defects removed)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= T:
+        raise ValueError(f"`num_inference_steps` must be an integer in [1, {T}] (num_train_timesteps={T}); got {n!r}.")
+    n = int(n)
+    if spacing == "linspace":
+        if n == 1:  # diffusers gives t = 0: one step from pure noise at the least noisy timestep
+            return np.array([T - 1], dtype=np.int64)
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        seq = np.arange(n, dtype=np.int64) * (T // n) + steps_offset
+        # With steps_offset > 0 and n = T the top step would be T: lower the offset to stay in range.
+        return (seq - max(0, int(seq[-1]) - (T - 1)))[::-1].copy()
+    # "trailing": T-1, T-1-T/n, ...; diffusers' float arange can produce n+1 steps ending at -1: keep n.
+    return (np.round(np.arange(T, 0, -T / n)[:n]) - 1).astype(np.int64)
+
+
+def _custom(timesteps, T: int, allow_increasing: bool) -> np.ndarray:
+    """A user sequence, validated (1-D integers in [0, T-1], strictly monotone), as descending int64."""
+    raw = timesteps.detach().cpu().numpy() if isinstance(timesteps, torch.Tensor) else timesteps
+    seq = np.asarray(raw, dtype=np.float64) if np.ndim(raw) else np.asarray([raw], dtype=np.float64)
+    if seq.ndim != 1 or seq.size == 0:
+        raise ValueError(f"`timesteps` must be a non-empty 1-D sequence of integers; got shape {seq.shape}.")
+    if np.any(seq != np.round(seq)):
+        raise ValueError(f"`timesteps` must be integers; got {timesteps!r}.")
+    d = np.diff(seq)
+    if not (np.all(d < 0) or (allow_increasing and np.all(d > 0))):
+        order = "strictly increasing or strictly decreasing" if allow_increasing else "strictly descending"
+        raise ValueError(f"`timesteps` must be {order}; got {timesteps!r}.")
+    if seq.max() > T - 1 or seq.min() < 0:
+        raise ValueError(f"`timesteps` must lie in [0, {T - 1}] (num_train_timesteps={T}); got {timesteps!r}.")
+    return np.sort(seq.astype(np.int64))[::-1].copy()
+
+
+def respace(
+    num_train_timesteps: int,
+    num_inference_steps: int | None = None,
+    *,
+    timesteps=None,
+    timestep_spacing: str = "leading",
+    steps_offset: int = 0,
+    allow_increasing: bool = False,
+) -> Respacing:
+    """The one respacing function: ``num_inference_steps`` spaced by ``timestep_spacing`` (exactly that many
+    distinct timesteps in [0, T-1]) or custom ``timesteps`` (strictly descending; either order with
+    ``allow_increasing``), with every timestep's neighbours in the sequence. Used by the scheduler's
+    ``set_timesteps``, by ``ddpm_plus.likelihood`` and by the CLI."""
+    T = int(num_train_timesteps)
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError("Pass exactly one of `num_inference_steps` or `timesteps`.")
+    if timesteps is not None:
+        seq = _custom(timesteps, T, allow_increasing)
+    else:
+        _check_spacing(timestep_spacing, steps_offset)
+        seq = _spaced(T, num_inference_steps, timestep_spacing, int(steps_offset))
+    ascending = seq[::-1]
+    t = np.arange(T)
+    below = np.searchsorted(ascending, t, side="left") - 1
+    above = np.searchsorted(ascending, t, side="right")
+    prev = np.where(below >= 0, ascending[np.maximum(below, 0)], -1)
+    nxt = np.where(above < len(seq), ascending[np.minimum(above, len(seq) - 1)], -1)
+    return Respacing(seq, prev.astype(np.int64), nxt.astype(np.int64))
+
+
 def cosine_alpha_bar_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """Improved-DDPM cosine schedule: ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2), s = 0.008, β capped at 0.999."""
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17): ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2), s = 0.008,
+    β capped at 0.999."""
     t = np.arange(num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps
     alpha_bar = np.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
@@ -71,6 +194,53 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
+def _coefficient_table(alphas_cumprod: np.ndarray, t, prev, nxt) -> StepCoefficients:
+    """The one formula set: float64 coefficients of the steps t -> prev (prev = -1: to x_0). ``nxt`` (the
+    timestep above t, -1: none) only sets the clipped log-variance of a step ending at x_0."""
+    t, prev, nxt = (np.asarray(a, dtype=np.int64) for a in (t, prev, nxt))
+    ab_t = alphas_cumprod[t]
+    ab_p = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], 1.0)
+    ab_n = np.where(nxt >= 0, alphas_cumprod[np.maximum(nxt, 0)], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # ᾱ_T = 0 (zero SNR): 1/√ᾱ_T = inf
+        beta = 1.0 - ab_t / ab_p  # β', eq. (56)
+        var = beta * (1.0 - ab_p) / (1.0 - ab_t)  # β̃', eqs. (30), (58)
+        var_next = (1.0 - ab_n / ab_t) * (1.0 - ab_t) / (1.0 - ab_n)  # β̃ of (nxt -> t): clip, eq. (53)
+        log_beta = np.log(beta)
+        clip = np.where(nxt >= 0, np.log(np.where(nxt >= 0, var_next, 1.0)), log_beta)
+        log_small = np.where(prev >= 0, np.log(np.where(prev >= 0, var, 1.0)), clip)
+        log_large = np.where(prev >= 0, log_beta, clip)
+        return StepCoefficients(
+            timestep=t,
+            prev_timestep=prev,
+            sqrt_alpha_prod=np.sqrt(ab_t),
+            sqrt_one_minus_alpha_prod=np.sqrt(1.0 - ab_t),
+            sqrt_recip_alpha_prod=1.0 / np.sqrt(ab_t),
+            posterior_mean_coef1=np.sqrt(ab_p) * beta / (1.0 - ab_t),  # eq. (30)
+            posterior_mean_coef2=np.sqrt(ab_t / ab_p) * (1.0 - ab_p) / (1.0 - ab_t),
+            posterior_variance=var,
+            posterior_log_variance_clipped=log_small,
+            beta=beta,
+            log_beta=log_beta,
+            large_log_variance_clipped=log_large,
+            posterior_std_clipped=np.exp(0.5 * log_small),
+            large_std_clipped=np.exp(0.5 * log_large),
+        )
+
+
+def _rows(table: StepCoefficients, index) -> StepCoefficients:
+    return StepCoefficients(*(np.asarray(col[index]) for col in table))
+
+
+def _to_torch(c: StepCoefficients, device=None) -> StepCoefficients:
+    """numpy columns -> int64 (timesteps) and float64 tensors."""
+    return StepCoefficients(
+        *(
+            torch.from_numpy(np.array(v, dtype=np.int64 if k in _INT_FIELDS else np.float64)).to(device)
+            for k, v in zip(c._fields, c, strict=True)
+        )
+    )
+
+
 class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     """Exact DDPM scheduler (Ho et al. 2020) with improved-DDPM variances and exact respacing.
 
@@ -81,10 +251,9 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         that a chain with T != 1000 steps still ends near N(0, I). Off by default (diffusers' numbers).
         The saved config holds the scaled beta_start/beta_end (and the flag reset to False).
 
-    Differences from ``DDPMScheduler`` (each is a defect there): all tables in float64; ``add_noise``
-    never rounds ᾱ to the sample dtype; ``fixed_large_log``, ``learned`` (log-variance output) and
-    ``learned_range`` follow improved DDPM and are never NaN; respacing gives exactly N timesteps in
-    [0, T-1]; no noise at the final step; invalid settings fail at construction.
+    Differences from ``DDPMScheduler`` are listed in the README ("Differences from diffusers'
+    DDPMScheduler"). Coefficients: :meth:`coefficients` (full chain, or any pair) and
+    :meth:`step_coefficients` (the current sampling sequence); the step formula: :meth:`ancestral_step`.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -129,37 +298,42 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         self.register_to_config(_class_name=type(self).__name__)
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
+        self._init_tables(betas)
 
-        # Tables of the full training chain, float64, index i = tutorial's t = i + 1.
+    def _init_tables(self, betas: np.ndarray) -> None:
+        """Float64 tables of the full training chain; index i = the paper's t = i + 1."""
+        T = self.config.num_train_timesteps
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)  # ᾱ_t = α_1·…·α_t
-        alphas_cumprod_prev = np.concatenate([[1.0], alphas_cumprod[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1
+        self._alphas_cumprod_np = alphas_cumprod
         self.betas = torch.from_numpy(betas)
         self.alphas = torch.from_numpy(alphas)
         self.alphas_cumprod = torch.from_numpy(alphas_cumprod)
-        self.alphas_cumprod_prev = torch.from_numpy(alphas_cumprod_prev)
+        self.alphas_cumprod_prev = torch.from_numpy(np.concatenate([[1.0], alphas_cumprod[:-1]]))  # ᾱ_0 = 1
         self.one = torch.tensor(1.0, dtype=torch.float64)
         self.init_noise_sigma = 1.0
-
+        t = np.arange(T)
+        self._full = _coefficient_table(alphas_cumprod, t, t - 1, np.where(t + 1 < T, t + 1, -1))
+        self._full_rows: dict = {}  # timestep -> python-float row of self._full (a cache, same numbers)
+        self._forward_cache: dict = {}  # (device, dtype) -> (√ᾱ, √(1−ᾱ)) for add_noise
+        # Posterior q(x_{t-1} | x_t, x_0) of the training chain (eq. (30)).
+        self.posterior_variance = torch.from_numpy(self._full.posterior_variance)
+        self.posterior_log_variance_clipped = torch.from_numpy(self._full.posterior_log_variance_clipped)
+        self.posterior_mean_coef1 = torch.from_numpy(self._full.posterior_mean_coef1)  # multiplies x_0
+        self.posterior_mean_coef2 = torch.from_numpy(self._full.posterior_mean_coef2)  # multiplies x_t
         self.num_inference_steps = None
         self.custom_timesteps = False
-        self._set_sequence(np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64), device=None)
-
-        # Posterior q(x_{t-1} | x_t, x_0) of the training chain (eq. 30), for users and the likelihood.
-        full = self._pair_coefficients(np.arange(num_train_timesteps), self._prev_np, self._next_np)
-        self.posterior_variance = torch.from_numpy(full["posterior_variance"])
-        self.posterior_log_variance_clipped = torch.from_numpy(full["log_variance_small"])
-        self.posterior_mean_coef1 = torch.from_numpy(full["coef_x0"])  # multiplies x_0
-        self.posterior_mean_coef2 = torch.from_numpy(full["coef_xt"])  # multiplies x_t
+        self._set_sequence(respace(T, timesteps=t[::-1]), device=None)
 
     # ------------------------------------------------------------------ construction
     def _validate_config(self) -> None:
         c = self.config
-        if not isinstance(c.num_train_timesteps, int) or c.num_train_timesteps < 2:
-            raise ValueError(f"`num_train_timesteps` must be an integer >= 2; got {c.num_train_timesteps!r}.")
+        T = c.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"`num_train_timesteps` must be an integer >= 1; got {T!r}.")
         _one_of("variance_type", c.variance_type, VARIANCE_TYPES)
         _one_of("prediction_type", c.prediction_type, PREDICTION_TYPES)
-        _one_of("timestep_spacing", c.timestep_spacing, TIMESTEP_SPACINGS)
+        _check_spacing(c.timestep_spacing, c.steps_offset)
         if c.trained_betas is None:
             _one_of("beta_schedule", c.beta_schedule, BETA_SCHEDULES)
             if c.beta_schedule != "squaredcos_cap_v2" and not 0.0 < c.beta_start < c.beta_end < 1.0:
@@ -172,21 +346,27 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
                 "`rescale_betas_for_num_timesteps=True` applies to beta_schedule='linear' only; "
                 f"got beta_schedule={c.beta_schedule!r}, trained_betas={'set' if c.trained_betas is not None else None}."
             )
-        if c.rescale_betas_zero_snr and c.prediction_type == "epsilon":
-            raise ValueError(
-                "`rescale_betas_zero_snr=True` makes ᾱ_T = 0, where x_0 cannot be recovered from an ε "
-                "prediction: use prediction_type 'v_prediction' or 'sample' (got 'epsilon')."
-            )
-        if not isinstance(c.steps_offset, int) or c.steps_offset < 0:
-            raise ValueError(f"`steps_offset` must be an integer >= 0; got {c.steps_offset!r}.")
+        self._validate_zero_snr()
         if c.clip_sample_range <= 0 or c.sample_max_value <= 0:
             raise ValueError(
                 "`clip_sample_range` and `sample_max_value` must be > 0; "
                 f"got {c.clip_sample_range!r} and {c.sample_max_value!r}."
             )
         if not 0.0 < c.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"`dynamic_thresholding_ratio` must be in (0, 1]; got {c.dynamic_thresholding_ratio!r}.")
+
+    def _validate_zero_snr(self) -> None:
+        c = self.config
+        if not c.rescale_betas_zero_snr:
+            return
+        if c.num_train_timesteps < 2:
+            raise ValueError("`rescale_betas_zero_snr=True` needs num_train_timesteps >= 2 (it pins ᾱ_1 and ᾱ_T).")
+        if c.prediction_type == "epsilon" and not (c.clip_sample or c.thresholding):
             raise ValueError(
-                f"`dynamic_thresholding_ratio` must be in (0, 1]; got {c.dynamic_thresholding_ratio!r}."
+                "`rescale_betas_zero_snr=True` makes ᾱ_T = 0, where the ε-prediction's x̂_0 = (x_T − ε̂)/√ᾱ_T "
+                "is infinite: step() at t = T-1 would return inf/NaN. Use prediction_type 'v_prediction' or "
+                "'sample', or keep prediction_type='epsilon' with clip_sample=True or thresholding=True "
+                "(x̂_0 is then clipped to the sample range, as in diffusers)."
             )
 
     def _make_betas(self) -> np.ndarray:
@@ -215,138 +395,106 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         # "sigmoid" (GeoDiff)
         return 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T))) * (c.beta_end - c.beta_start) + c.beta_start
 
-    # ------------------------------------------------------------------ timesteps
+    # ------------------------------------------------------------------ the sampling sequence
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
         timesteps: list[int] | None = None,
     ) -> None:
-        """Choose the sampling timesteps: ``num_inference_steps`` spaced by ``timestep_spacing``, or custom
-        strictly descending ``timesteps``. Strided steps use the exact β' = 1 − ᾱ_t/ᾱ_prev."""
-        T = self.config.num_train_timesteps
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("Pass exactly one of `num_inference_steps` or `timesteps`.")
-        if timesteps is not None:
-            seq = np.asarray(list(timesteps), dtype=np.float64)
-            if seq.ndim != 1 or seq.size == 0 or np.any(seq != np.round(seq)):
-                raise ValueError(f"`timesteps` must be a non-empty list of integers; got {timesteps!r}.")
-            if np.any(np.diff(seq) >= 0):
-                raise ValueError(f"`timesteps` must be strictly descending; got {timesteps!r}.")
-            if seq[0] > T - 1 or seq[-1] < 0:
-                raise ValueError(f"`timesteps` must lie in [0, {T - 1}] (num_train_timesteps={T}); got {timesteps!r}.")
-            seq = seq.astype(np.int64)
-            self.custom_timesteps = True
-        else:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-                raise ValueError(f"`num_inference_steps` must be an integer in [1, {T}]; got {num_inference_steps!r}.")
-            if not 1 <= num_inference_steps <= T:
-                raise ValueError(
-                    f"`num_inference_steps` must be in [1, {T}] (num_train_timesteps={T}); got {num_inference_steps}."
-                )
-            seq = self._spaced_timesteps(int(num_inference_steps))
-            self.custom_timesteps = False
-        self.num_inference_steps = len(seq)
-        self._set_sequence(seq, device)
+        """Choose the sampling timesteps (:func:`respace`): ``num_inference_steps`` spaced by
+        ``timestep_spacing``, or custom strictly descending ``timesteps``. Affects only ``step`` and the
+        sequence attributes; strided steps use the exact β' = 1 − ᾱ_t/ᾱ_prev."""
+        c = self.config
+        r = respace(
+            c.num_train_timesteps,
+            num_inference_steps,
+            timesteps=timesteps,
+            timestep_spacing=c.timestep_spacing,
+            steps_offset=c.steps_offset,
+        )
+        self.custom_timesteps = timesteps is not None
+        self.num_inference_steps = len(r.timesteps)
+        self._set_sequence(r, device)
 
-    def _spaced_timesteps(self, n: int) -> np.ndarray:
-        """Exactly ``n`` distinct descending timesteps in [0, T-1] (diffusers' conventions, defects removed)."""
-        T, spacing = self.config.num_train_timesteps, self.config.timestep_spacing
-        if spacing == "linspace":
-            if n == 1:  # diffusers gives t = 0: one step from pure noise at the least noisy timestep
-                return np.array([T - 1], dtype=np.int64)
-            return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-        if spacing == "leading":
-            seq = np.arange(n, dtype=np.int64) * (T // n) + self.config.steps_offset
-            # With steps_offset > 0 and n = T the top step would be T: lower the offset to stay in range.
-            return (seq - max(0, int(seq[-1]) - (T - 1)))[::-1].copy()
-        # "trailing": T-1, T-1-T/n, ...; diffusers' float arange can produce n+1 steps ending at -1: keep n.
-        return (np.round(np.arange(T, 0, -T / n)[:n]) - 1).astype(np.int64)
-
-    def _set_sequence(self, seq: np.ndarray, device) -> None:
+    def _set_sequence(self, r: Respacing, device) -> None:
         T = self.config.num_train_timesteps
-        ascending = np.sort(seq)
-        t = np.arange(T)
-        # prev(t): the next lower timestep the sampler visits (-1: none, ᾱ_prev = 1);
-        # next(t): the next higher one (-1: none). Defined for every t, visited or not.
-        below = np.searchsorted(ascending, t, side="left") - 1
-        above = np.searchsorted(ascending, t, side="right")
-        self._prev_np = np.where(below >= 0, ascending[np.maximum(below, 0)], -1)
-        self._next_np = np.where(above < len(ascending), ascending[np.minimum(above, len(ascending) - 1)], -1)
-        coefs = self._pair_coefficients(t, self._prev_np, self._next_np)
-        self._table_np = coefs  # float64 numpy columns, indexed by timestep
-        self._table_cache: dict = {}  # (device, dtype) -> forward-process tables for add_noise
-        self._row_cache: dict = {}  # timestep -> python-float coefficients for step()
-        self.timesteps = torch.from_numpy(seq.copy()).to(device)
+        self._respacing = r
+        # Rows for every t (visited or not): the step t -> the next lower visited timestep.
+        self._seq = _coefficient_table(self._alphas_cumprod_np, np.arange(T), r.prev_timestep, r.next_timestep)
+        self._seq_rows: dict = {}  # timestep -> python-float row of self._seq (a cache, same numbers)
+        self.timesteps = torch.from_numpy(r.timesteps.copy()).to(device)
 
     def previous_timestep(self, timestep):
-        """The timestep the sampler visits after ``timestep`` (-1 after the last one)."""
-        if isinstance(timestep, torch.Tensor) and timestep.ndim > 0:
-            prev = torch.from_numpy(self._prev_np).to(timestep.device)
-            return prev[timestep.long()]
-        return int(self._prev_np[int(timestep)])
+        """The timestep the sampler visits after ``timestep`` (-1 after the last one). Types as in diffusers:
+        a tensor for a tensor; for an int, an int before ``set_timesteps`` and a 0-d tensor after."""
+        prev = self._respacing.prev_timestep
+        if isinstance(timestep, torch.Tensor):
+            return torch.from_numpy(prev).to(timestep.device)[timestep.long()]
+        p = int(prev[int(timestep)])
+        return torch.tensor(p) if self.custom_timesteps or self.num_inference_steps else p
 
-    # ------------------------------------------------------------------ coefficients
-    def _pair_coefficients(self, t: np.ndarray, prev: np.ndarray, nxt: np.ndarray) -> dict[str, np.ndarray]:
-        """Float64 coefficients of the step t -> prev (prev = -1: to x_0), with the exact β' of the pair."""
-        ab = self.alphas_cumprod.numpy()
-        ab_t = ab[t]
-        ab_p = np.where(prev >= 0, ab[np.maximum(prev, 0)], 1.0)
-        beta_p = 1.0 - ab_t / ab_p  # β' = 1 − ᾱ_t/ᾱ_prev (respacing)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            var = beta_p * (1.0 - ab_p) / (1.0 - ab_t)  # β̃ (eq. 30, σ² of eq. 29)
-            # β̃ of the pair (next, t): improved DDPM's clipped log-variance at the final step, where β̃ = 0.
-            ab_n = np.where(nxt >= 0, ab[np.maximum(nxt, 0)], 0.0)
-            var_next = (1.0 - ab_n / ab_t) * (1.0 - ab_t) / (1.0 - ab_n)
-            final_log_var = np.where(nxt >= 0, np.log(var_next), np.log(beta_p))
-            log_small = np.where(prev >= 0, np.log(np.where(prev >= 0, var, 1.0)), final_log_var)
-            log_large = np.where(prev >= 0, np.log(beta_p), final_log_var)
-            return {
-                "prev": prev.astype(np.float64),
-                "sqrt_alpha_prod": np.sqrt(ab_t),
-                "sqrt_one_minus_alpha_prod": np.sqrt(1.0 - ab_t),
-                "sqrt_recip_alpha_prod": 1.0 / np.sqrt(ab_t),
-                "sqrt_recipm1_alpha_prod": np.sqrt(1.0 / ab_t - 1.0),
-                # μ̃ = coef_x0·x_0 + coef_xt·x_t (eq. 30), with β', α' = ᾱ_t/ᾱ_prev of the pair
-                "coef_x0": np.sqrt(ab_p) * beta_p / (1.0 - ab_t),
-                "coef_xt": np.sqrt(ab_t / ab_p) * (1.0 - ab_p) / (1.0 - ab_t),
-                "posterior_variance": var,
-                "log_variance_small": log_small,
-                "log_variance_large": log_large,
-                "log_beta": np.log(beta_p),
-            }
+    def step_coefficients(self, device=None) -> StepCoefficients:
+        """Float64 coefficients of every step of the current sequence (entry i: ``timesteps[i]`` ->
+        ``prev_timestep[i]``), as used by :meth:`step`. Documented in :class:`StepCoefficients`."""
+        return _to_torch(_rows(self._seq, self.timesteps.cpu().numpy()), device)
 
-    def _coefficients(self, timestep, sample: torch.Tensor, prev_timestep=None) -> dict:
-        """Coefficients for ``timestep``: python floats for a scalar timestep, else tensors of shape
-        (B, 1, ..., 1) in the compute dtype on the sample's device."""
+    # ------------------------------------------------------------------ coefficients (pure)
+    def coefficients(self, timestep, prev_timestep=None, next_timestep=None) -> StepCoefficients:
+        """Float64 coefficients of the steps ``timestep -> prev_timestep``, shaped like ``timestep``.
+
+        Defaults are the full training chain: ``prev_timestep = timestep - 1`` and ``next_timestep =
+        timestep + 1`` (-1 at T-1). ``next_timestep`` (the step above) matters only where
+        ``prev_timestep = -1``: it sets the clipped log-variance there (see :class:`StepCoefficients`).
+        Independent of ``set_timesteps``."""
+        c = self._lookup(timestep, prev_timestep, next_timestep)
+        shape = tuple(torch.as_tensor(timestep).shape)
+        return StepCoefficients(*(v.reshape(shape) for v in _to_torch(c)))
+
+    def _lookup(self, timestep, prev_timestep=None, next_timestep=None, sequence=False) -> StepCoefficients:
+        """numpy columns for 1-D ``timestep``: rows of a table, or the formula for explicit neighbours."""
         T = self.config.num_train_timesteps
-        scalar = not (isinstance(timestep, torch.Tensor) and timestep.ndim > 0)
-        if scalar and prev_timestep is None:
-            t = int(timestep)
-            if not 0 <= t < T:
-                raise ValueError(f"`timestep` must be in [0, {T - 1}]; got {t}.")
-            if t not in self._row_cache:
-                self._row_cache[t] = {k: float(v[t]) for k, v in self._table_np.items()}
-            return self._row_cache[t]
         t = torch.as_tensor(timestep).reshape(-1).long().cpu().numpy()
         if t.size and (t.min() < 0 or t.max() >= T):
             raise ValueError(f"`timestep` values must be in [0, {T - 1}]; got range [{t.min()}, {t.max()}].")
-        if prev_timestep is None:
-            cols = {k: v[t] for k, v in self._table_np.items()}
-        else:
-            prev = np.broadcast_to(torch.as_tensor(prev_timestep).reshape(-1).long().cpu().numpy(), t.shape)
-            if np.any(prev >= t) or np.any(prev < -1):
-                raise ValueError("`prev_timestep` must satisfy -1 <= prev_timestep < timestep.")
-            cols = self._pair_coefficients(t, prev, self._next_np[t])
+        if prev_timestep is None and next_timestep is None:
+            return _rows(self._seq if sequence else self._full, t)
+
+        def neighbour(value, default):
+            if value is None:
+                return default
+            return np.broadcast_to(torch.as_tensor(value).reshape(-1).long().cpu().numpy(), t.shape)
+
+        prev = neighbour(prev_timestep, t - 1)
+        nxt = neighbour(next_timestep, np.where(t + 1 < T, t + 1, -1))
+        if np.any(prev >= t) or np.any(prev < -1):
+            raise ValueError("`prev_timestep` must satisfy -1 <= prev_timestep < timestep.")
+        if np.any((nxt != -1) & ((nxt <= t) | (nxt >= T))):
+            raise ValueError(f"`next_timestep` must be -1 or satisfy timestep < next_timestep <= {T - 1}.")
+        return _coefficient_table(self._alphas_cumprod_np, t, prev, nxt)
+
+    def _coefs(self, timestep, like: torch.Tensor, prev_timestep=None, next_timestep=None, sequence=False):
+        """Coefficients to apply to ``like``: python floats for scalar arguments (rows cached), else tensors
+        of shape (B, 1, ..., 1) in the compute dtype on its device. Same numbers either way."""
+        scalar = all(_is_scalar(v) for v in (timestep, prev_timestep, next_timestep))
+        if scalar and prev_timestep is None and next_timestep is None:
+            cache = self._seq_rows if sequence else self._full_rows
+            t = int(timestep)
+            row = cache.get(t)
+            if row is None:
+                row = cache[t] = StepCoefficients(*(float(v[0]) for v in self._lookup(t, sequence=sequence)))
+            return row
+        c = self._lookup(timestep, prev_timestep, next_timestep, sequence)
         if scalar:
-            return {k: float(v[0]) for k, v in cols.items()}
-        dtype = _compute_dtype(sample)
-        shape = (-1,) + (1,) * (sample.ndim - 1)
-        return {k: torch.from_numpy(v).to(sample.device, dtype).reshape(shape) for k, v in cols.items()}
+            return StepCoefficients(*(float(v[0]) for v in c))
+        dtype, shape = _compute_dtype(like), (-1,) + (1,) * (like.ndim - 1)
+        return StepCoefficients(
+            *(torch.from_numpy(np.asarray(v, np.float64)).to(like.device, dtype).reshape(shape) for v in c)
+        )
 
     # ------------------------------------------------------------------ forward process
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Eq. (16)/(23): x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, with ᾱ kept in float64 until the final multiply."""
+        """docs/math.md eq. (16)/(23): x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, ᾱ in float64 until the final multiply."""
         a, b = self._forward_coefficients(original_samples, timesteps)
         dtype = _compute_dtype(original_samples)
         out = torch.mul(original_samples.to(dtype), a).addcmul_(b, noise.to(dtype))  # one new buffer
@@ -359,15 +507,15 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         return (a * noise.to(dtype) - b * sample.to(dtype)).to(sample.dtype)
 
     def _forward_coefficients(self, sample: torch.Tensor, timesteps):
-        """(√ᾱ_t, √(1−ᾱ_t)) gathered per element, in the compute dtype on the sample's device."""
+        """(√ᾱ_t, √(1−ᾱ_t)) of the full table, gathered per element in the compute dtype on the device."""
         dtype = _compute_dtype(sample)
         key = (sample.device, dtype)
-        if key not in self._table_cache:
-            self._table_cache[key] = (
-                torch.from_numpy(self._table_np["sqrt_alpha_prod"]).to(sample.device, dtype),
-                torch.from_numpy(self._table_np["sqrt_one_minus_alpha_prod"]).to(sample.device, dtype),
+        if key not in self._forward_cache:
+            self._forward_cache[key] = tuple(
+                torch.from_numpy(col).to(sample.device, dtype)
+                for col in (self._full.sqrt_alpha_prod, self._full.sqrt_one_minus_alpha_prod)
             )
-        sqrt_ab, sqrt_1m_ab = self._table_cache[key]
+        sqrt_ab, sqrt_1m_ab = self._forward_cache[key]
         t = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1)
         shape = (-1,) + (1,) * (sample.ndim - 1)
         return sqrt_ab[t].reshape(shape), sqrt_1m_ab[t].reshape(shape)
@@ -377,88 +525,77 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     # ------------------------------------------------------------------ posterior and model distribution
-    def q_posterior(self, original_sample: torch.Tensor, sample: torch.Tensor, timestep, prev_timestep=None):
-        """Eq. (30): q(x_prev | x_t, x_0) = N(μ̃, β̃) -> (mean, variance, log_variance).
-
-        ``log_variance`` is clipped at the final step (β̃ = 0 there) as in improved DDPM."""
-        c = self._coefficients(timestep, sample, prev_timestep)
+    def q_posterior(self, original_sample, sample, timestep, prev_timestep=None, next_timestep=None):
+        """eq. (30): q(x_prev | x_t, x_0) = N(μ̃, β̃) -> (mean, variance, log_variance) of the pair
+        ``timestep -> prev_timestep`` (default: the full chain; see :meth:`coefficients`). ``log_variance``
+        is clipped at a step to x_0 (β̃ = 0 there), as in improved DDPM."""
+        c = self._coefs(timestep, sample, prev_timestep, next_timestep)
         dtype = _compute_dtype(sample, original_sample)
-        mean = c["coef_x0"] * original_sample.to(dtype) + c["coef_xt"] * sample.to(dtype)
-        variance = _full_like(c["posterior_variance"], mean)
-        log_variance = _full_like(c["log_variance_small"], mean)
+        mean = _lincomb(c.posterior_mean_coef1, original_sample.to(dtype), c.posterior_mean_coef2, sample.to(dtype))
+        variance = _full_like(c.posterior_variance, mean)
+        log_variance = _full_like(c.posterior_log_variance_clipped, mean)
         return mean.to(sample.dtype), variance.to(sample.dtype), log_variance.to(sample.dtype)
 
     def predict_original_sample(self, model_output: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """x̂_0 from the model output: eq. (32) for ε, identity for x_0, √ᾱ·x_t − √(1−ᾱ)·v for v."""
-        model_output, _ = self._split_model_output(model_output, sample)
-        c = self._coefficients(timestep, sample)
-        return self._predict_x0(model_output, sample, c).to(sample.dtype)
+        """x̂_0 from the model output: eq. (32) for ε, identity for x_0, eq. (47) for v."""
+        prediction, _ = self._split_model_output(model_output, sample)
+        dtype = _compute_dtype(sample, prediction)
+        c = self._coefs(timestep, sample)
+        return self._x0(prediction.to(dtype), sample.to(dtype), c).to(sample.dtype)
 
-    def _predict_x0(self, model_output: torch.Tensor, sample: torch.Tensor, c: dict) -> torch.Tensor:
+    def p_mean_variance(
+        self, model_output, sample, timestep, prev_timestep=None, clip_denoised=None, next_timestep=None
+    ) -> PMeanVariance:
+        """The model's p(x_prev | x_t) for the pair ``timestep -> prev_timestep`` (default: the full chain):
+        mean from eq. (50) (= eq. (35)/(36) for ε), the variance of ``variance_type``.
+        ``clip_denoised=None`` follows the config; pass False for likelihoods."""
+        c = self._coefs(timestep, sample, prev_timestep, next_timestep)
+        mean, log_variance, x0 = self.reverse_moments(model_output, sample, c, clip_denoised)
+        log_variance = _full_like(log_variance, mean)
+        dtype = sample.dtype
+        return PMeanVariance(mean.to(dtype), torch.exp(log_variance).to(dtype), log_variance.to(dtype), x0.to(dtype))
+
+    def reverse_moments(self, model_output, sample, coefficients: StepCoefficients, clip_denoised=None):
+        """The step formula: (mean, log σ², x̂_0) of p(x_prev | x_t) for one step's ``coefficients`` (python
+        floats, or tensors broadcastable against ``sample``), in the compute dtype. Shared by ``step``,
+        ``p_mean_variance`` and ``FastSampler``; ``clip_denoised=None`` follows the config."""
+        c = coefficients
+        prediction, variance_output = self._split_model_output(model_output, sample)
         dtype = _compute_dtype(sample, model_output)
-        x_t, out = sample.to(dtype), model_output.to(dtype)
+        x_t, out = sample.to(dtype), prediction.to(dtype)
+        x0 = self._x0(out, x_t, c)
+        if clip_denoised is None:
+            clip_denoised = self.config.clip_sample or self.config.thresholding
+        if clip_denoised:  # clip x̂_0 in place only if it is a fresh buffer (not the model's output)
+            x0 = self._clip_or_threshold(x0, inplace=x0 is not out)
+        mean = _lincomb(c.posterior_mean_coef1, x0, c.posterior_mean_coef2, x_t)  # eq. (50)
+        return mean, self._log_variance(c, variance_output, dtype), x0
+
+    def _x0(self, out: torch.Tensor, x_t: torch.Tensor, c: StepCoefficients) -> torch.Tensor:
         kind = self.config.prediction_type
         if kind == "sample":
             return out
-        if kind == "epsilon":
-            a, b = "sqrt_recip_alpha_prod", "sqrt_recipm1_alpha_prod"
-        else:  # v_prediction
-            a, b = "sqrt_alpha_prod", "sqrt_one_minus_alpha_prod"
-        # eq. (32): x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t; v: x̂_0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v
-        if isinstance(c[a], float):  # scalar timestep: one pass into one new buffer
-            return torch.mul(x_t, c[a]).sub_(out, alpha=c[b])
-        return c[a] * x_t - c[b] * out
+        if kind == "epsilon":  # eq. (32): x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t
+            return _axpy(x_t, -c.sqrt_one_minus_alpha_prod, out).mul_(c.sqrt_recip_alpha_prod)
+        # v-prediction, eq. (47): x̂_0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v
+        return _lincomb(c.sqrt_alpha_prod, x_t, -c.sqrt_one_minus_alpha_prod, out)
 
-    def p_mean_variance(
-        self, model_output: torch.Tensor, sample: torch.Tensor, timestep, prev_timestep=None, clip_denoised=None
-    ) -> PMeanVariance:
-        """The model's p(x_prev | x_t): mean from eq. (30) with x̂_0 (= eq. 35/36 for ε), and the variance
-        of ``variance_type``. ``clip_denoised=None`` follows the config; pass False for likelihoods."""
-        mean, log_variance, x0 = self._model_mean_log_variance(
-            model_output, sample, timestep, prev_timestep, clip_denoised
-        )
-        log_variance = _full_like(log_variance, mean)
-        return PMeanVariance(
-            mean.to(sample.dtype),
-            torch.exp(log_variance).to(sample.dtype),
-            log_variance.to(sample.dtype),
-            x0.to(sample.dtype),
-        )
-
-    def _model_mean_log_variance(self, model_output, sample, timestep, prev_timestep=None, clip_denoised=None):
-        """(mean, log σ², x̂_0) in the compute dtype; log σ² is a float or broadcastable tensor."""
-        model_output, variance_output = self._split_model_output(model_output, sample)
-        c = self._coefficients(timestep, sample, prev_timestep)
-        dtype = _compute_dtype(sample, model_output)
-        x0 = self._predict_x0(model_output, sample, c)
-        if clip_denoised is None:
-            clip_denoised = self.config.clip_sample or self.config.thresholding
-        if clip_denoised:
-            # x̂_0 is a fresh buffer unless the model predicts it directly: clip that one out of place
-            x0 = self._clip_or_threshold(x0, inplace=x0 is not model_output)
-        if isinstance(c["coef_x0"], float):  # μ̃ (eq. 30) in one new buffer
-            mean = torch.mul(x0, c["coef_x0"]).add_(sample.to(dtype), alpha=c["coef_xt"])
-        else:
-            mean = c["coef_x0"] * x0 + c["coef_xt"] * sample.to(dtype)
-        return mean, self._log_variance(c, variance_output, dtype), x0
-
-    def _log_variance(self, c: dict, variance_output: torch.Tensor | None, dtype: torch.dtype):
+    def _log_variance(self, c: StepCoefficients, variance_output: torch.Tensor | None, dtype: torch.dtype):
         kind = self.config.variance_type
-        if kind in ("fixed_small", "fixed_small_log"):
-            return c["log_variance_small"]
+        if kind in ("fixed_small", "fixed_small_log"):  # eqs. (52), (53)
+            return c.posterior_log_variance_clipped
         if kind in ("fixed_large", "fixed_large_log"):
-            return c["log_variance_large"]
+            return c.large_log_variance_clipped
         out = variance_output.to(dtype)
-        if kind == "learned":  # the model outputs log σ² (improved DDPM)
+        if kind == "learned":  # the model outputs log σ², eq. (54)
             return out
-        # learned_range: log σ² = f·log β' + (1 − f)·log β̃ (clipped), f = (v + 1)/2
+        # learned_range, eq. (55) (Nichol & Dhariwal 2021, eq. 15): log σ² = f·log β' + (1 − f)·log β̃' (clipped)
         frac = (out + 1.0) / 2.0
-        return frac * c["log_beta"] + (1.0 - frac) * c["log_variance_small"]
+        return frac * c.log_beta + (1.0 - frac) * c.posterior_log_variance_clipped
 
     def _split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
         """(prediction, variance output or None). Fixed variance types ignore extra variance channels."""
-        C = sample.shape[1]
-        channels = model_output.shape[1]
+        C, channels = sample.shape[1], model_output.shape[1]
         if self.config.variance_type in LEARNED_VARIANCE_TYPES:
             if channels != 2 * C:
                 raise ValueError(
@@ -476,14 +613,35 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     def _clip_or_threshold(self, x0: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         if self.config.thresholding:
             # Dynamic thresholding (Saharia et al. 2022): s = quantile(|x̂_0|), clamp to [−s, s], divide by s.
-            flat = x0.reshape(x0.shape[0], -1).abs()
-            s = torch.quantile(flat.float(), self.config.dynamic_thresholding_ratio, dim=1).to(x0.dtype)
+            # inf (ε-prediction at ᾱ_T = 0) -> the largest float, so the quantile is large, not NaN.
+            flat = x0.reshape(x0.shape[0], -1).abs().float().nan_to_num(posinf=torch.finfo(torch.float32).max)
+            s = torch.quantile(flat, self.config.dynamic_thresholding_ratio, dim=1).to(x0.dtype)
             s = s.clamp(min=1.0, max=self.config.sample_max_value).reshape((-1,) + (1,) * (x0.ndim - 1))
             return torch.maximum(torch.minimum(x0, s), -s) / s
         r = self.config.clip_sample_range
         return x0.clamp_(-r, r) if inplace else x0.clamp(-r, r)
 
     # ------------------------------------------------------------------ sampling
+    def ancestral_step(self, model_output, sample, coefficients: StepCoefficients, noise=None, clip_denoised=None):
+        """x_prev = μ_θ + σ·z for one step (docs/math.md eq. (51)) -> (x_prev, x̂_0) in the compute dtype.
+        No noise where ``coefficients.prev_timestep`` < 0 (the step to x_0) or when ``noise`` is None."""
+        mean, log_variance, x0 = self.reverse_moments(model_output, sample, coefficients, clip_denoised)
+        if noise is None:
+            return mean, x0
+        kind = self.config.variance_type
+        if kind in LEARNED_VARIANCE_TYPES:
+            std = torch.exp(0.5 * log_variance)
+        else:  # σ from the table: the same number for python-float and tensor coefficients
+            std = (
+                coefficients.posterior_std_clipped if kind.startswith("fixed_small") else coefficients.large_std_clipped
+            )
+        prev = coefficients.prev_timestep
+        if isinstance(prev, torch.Tensor):  # per-step mask: σ = 0 where the chain ends
+            mean.addcmul_(noise, std * (prev >= 0).to(mean.dtype))
+        elif prev >= 0:
+            _add_scaled_(mean, std, noise)  # mean is a fresh buffer
+        return mean, x0
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -492,25 +650,64 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
     ) -> DDPMPlusSchedulerOutput | tuple:
-        """One ancestral step x_t -> x_prev ~ N(μ_θ, σ²), no noise at the final step (tutorial's conclusion)."""
-        mean, log_variance, x0 = self._model_mean_log_variance(model_output, sample, timestep)
-        prev = self.previous_timestep(timestep)
-        if isinstance(prev, torch.Tensor) or prev >= 0:
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=mean.dtype)
-            if isinstance(log_variance, float) and not isinstance(prev, torch.Tensor):
-                mean.add_(noise, alpha=math.exp(0.5 * log_variance))  # mean is a fresh buffer
-            else:
-                std = torch.exp(0.5 * torch.as_tensor(log_variance, dtype=mean.dtype, device=mean.device))
-                if isinstance(prev, torch.Tensor):  # per-example timesteps: no noise where the chain ends
-                    std = std * (prev >= 0).to(mean.dtype).reshape((-1,) + (1,) * (sample.ndim - 1))
-                mean = mean + std * noise
-        prev_sample, x0 = mean.to(sample.dtype), x0.to(sample.dtype)
+        """One ancestral step x_t -> x_prev ~ N(μ_θ, σ²) on the current sequence; no noise at its final step."""
+        c = self._coefs(timestep, sample, sequence=True)
+        noise = None
+        if isinstance(c.prev_timestep, torch.Tensor) or c.prev_timestep >= 0:
+            dtype = _compute_dtype(sample, model_output)
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=dtype)
+        prev_sample, x0 = self.ancestral_step(model_output, sample, c, noise)
+        prev_sample, x0 = prev_sample.to(sample.dtype), x0.to(sample.dtype)
         if not return_dict:
             return prev_sample, x0
         return DDPMPlusSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
+    def _get_variance(self, t, predicted_variance=None, variance_type=None) -> torch.Tensor:
+        """diffusers' ``DDPMScheduler._get_variance`` at timestep ``t`` of the current sequence, with its
+        meaning per ``variance_type`` and our float64 values: fixed_small β̃', fixed_small_log √β̃' (a
+        standard deviation), fixed_large β', fixed_large_log log β', learned the model output unchanged,
+        learned_range its log σ² (minimum: the clipped log β̃', not log 1e-20)."""
+        kind = self.config.variance_type if variance_type is None else variance_type
+        _one_of("variance_type", kind, VARIANCE_TYPES)
+        c = self._coefs(t, self.one, sequence=True)
+        fixed = {
+            "fixed_small": c.posterior_variance,
+            "fixed_small_log": math.sqrt(c.posterior_variance),
+            "fixed_large": c.beta,
+            "fixed_large_log": c.log_beta,
+        }
+        if kind in fixed:
+            return torch.tensor(fixed[kind], dtype=torch.float64)
+        if predicted_variance is None:
+            raise ValueError(f"variance_type={kind!r} needs `predicted_variance` (the model's variance output).")
+        if kind == "learned":
+            return predicted_variance
+        pv = torch.as_tensor(predicted_variance)
+        frac = (pv.to(_compute_dtype(pv)) + 1.0) / 2.0
+        return (frac * c.log_beta + (1.0 - frac) * c.posterior_log_variance_clipped).to(pv.dtype)
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _is_scalar(value) -> bool:
+    """None, a number or a 0-d tensor (a 1-D tensor means one entry per batch element)."""
+    return not (isinstance(value, torch.Tensor) and value.ndim > 0) and not isinstance(value, (list, tuple, np.ndarray))
+
+
+def _axpy(x: torch.Tensor, a, y: torch.Tensor) -> torch.Tensor:
+    """x + a·y in one new buffer; ``a`` a python float or a tensor broadcastable against ``y``."""
+    return torch.add(x, y, alpha=a) if isinstance(a, float) else torch.addcmul(x, y, a)
+
+
+def _add_scaled_(x: torch.Tensor, a, y: torch.Tensor) -> torch.Tensor:
+    """x += a·y in place."""
+    return x.add_(y, alpha=a) if isinstance(a, float) else x.addcmul_(y, a)
+
+
+def _lincomb(a, x: torch.Tensor, b, y: torch.Tensor) -> torch.Tensor:
+    """a·x + b·y in one new buffer (coefficients python floats or broadcastable tensors)."""
+    return _add_scaled_(torch.mul(x, a), b, y)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -519,7 +716,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def _full_like(value, like: torch.Tensor) -> torch.Tensor:
-    """A python float or a (B, 1, ..., 1) tensor, as a tensor broadcastable against ``like``."""
+    """A python float or a broadcastable tensor, as a tensor of ``like``'s shape and dtype."""
     if isinstance(value, torch.Tensor):
         return value.to(like.dtype).expand_as(like)
     return torch.full_like(like, value)

@@ -1,8 +1,8 @@
-"""Independent float64 NumPy reference for the DDPM formulas in shared/notes/math.md.
+"""Independent float64 NumPy reference for the DDPM formulas in docs/math.md.
 
-Written from the formulas (seed equation numbers in comments), never from ddpm_plus or diffusers
+Written from the formulas (docs/math.md equation numbers in comments), never from ddpm_plus or diffusers
 code, so that the scheduler tests compare the library against something it cannot share a bug with.
-Indexing follows diffusers: array index i is code timestep i, i.e. the seed's t = i + 1.
+Indexing follows diffusers: array index i is code timestep i, i.e. the paper's t = i + 1.
 """
 
 import math
@@ -59,7 +59,7 @@ def zero_terminal_snr(b):
 
 
 class Tables:
-    """All per-timestep quantities of math.md, from β (float64)."""
+    """All per-timestep quantities of docs/math.md, from β (float64)."""
 
     def __init__(self, b):
         self.betas = np.asarray(b, dtype=np.float64)
@@ -81,7 +81,7 @@ def abar_at(tab, t):
 
 
 def strided(tab, t, t_prev):
-    """Quantities of the step t → t_prev with the respaced β' = 1 − ᾱ_t/ᾱ_prev (math.md, Respacing)."""
+    """Quantities of the step t → t_prev with the respaced β' = 1 − ᾱ_t/ᾱ_prev (docs/math.md, Respacing)."""
     a_t, a_p = abar_at(tab, t), abar_at(tab, t_prev)
     beta = 1.0 - a_t / a_p
     return dict(

@@ -1,5 +1,5 @@
 """Parity with diffusers' DDPMScheduler where it is correct, our correct result for each of its defects
-(shared/notes/diffusers-0.42.md, "DDPMScheduler defects"), and config swaps with other schedulers.
+(README, "Differences from diffusers' DDPMScheduler"), and config swaps with other schedulers.
 
 Precision note: diffusers builds β and ᾱ in float32, so 1 − ᾱ_t at small t carries a relative error up
 to ~3e-4 (ᾱ_1 ≈ 0.9999 rounded to float32). For a tight check of the step *formulas* the diffusers
@@ -11,13 +11,13 @@ import contextlib
 import logging
 import warnings
 
+import ddpm_reference as R
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.utils import logging as dlogging
 
-import ddpm_reference as R
 from ddpm_plus import DDPMPlusScheduler
 
 T = 1000
@@ -76,7 +76,11 @@ STEP_CONFIGS = [
     ("leading-offset1-50", 50, dict(timestep_spacing="leading", steps_offset=1)),
     ("trailing-50", 50, dict(timestep_spacing="trailing")),
 ]
-CLIPS = {"no-clip": dict(clip_sample=False), "clip": dict(clip_sample=True, clip_sample_range=1.5), "threshold": dict(thresholding=True, sample_max_value=2.0)}
+CLIPS = {
+    "no-clip": dict(clip_sample=False),
+    "clip": dict(clip_sample=True, clip_sample_range=1.5),
+    "threshold": dict(thresholding=True, sample_max_value=2.0),
+}
 
 
 @pytest.mark.parametrize("clip", sorted(CLIPS))
@@ -101,7 +105,9 @@ def test_step_parity(name, steps, spacing, variance_type, prediction_type, clip)
         out, x = inputs(i)
         a, b = both_steps(d, o, out, t, x, seed=1000 + i)
         assert b.prev_sample.dtype == torch.float32 and b.pred_original_sample.dtype == torch.float32
-        torch.testing.assert_close(b.pred_original_sample, a.pred_original_sample, rtol=5e-5, atol=1e-5, msg=f"x0 t={t}")
+        torch.testing.assert_close(
+            b.pred_original_sample, a.pred_original_sample, rtol=5e-5, atol=1e-5, msg=f"x0 t={t}"
+        )
         torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-5, msg=f"prev t={t}")
 
 
@@ -286,7 +292,9 @@ def test_defect07_half_precision_add_noise(dtype, last_bad_t):
 def test_defect08_linear_rescale_for_short_chains():
     d, plain = pair(num_train_timesteps=100)
     assert float(d.alphas_cumprod[-1]) == pytest.approx(0.3636, abs=1e-3)  # x_T far from N(0, I)
-    np.testing.assert_allclose(plain.alphas_cumprod.numpy(), d.alphas_cumprod.double().numpy(), rtol=2e-6)  # default: same
+    np.testing.assert_allclose(
+        plain.alphas_cumprod.numpy(), d.alphas_cumprod.double().numpy(), rtol=2e-6
+    )  # default: same
     on = DDPMPlusScheduler(num_train_timesteps=100, rescale_betas_for_num_timesteps=True)
     ref = R.Tables(R.betas(T=100, rescale_for_T=True)).abar[-1]
     assert float(on.alphas_cumprod[-1]) == pytest.approx(ref, rel=1e-10)
@@ -300,10 +308,16 @@ def test_defect09_zero_snr_with_epsilon():
     res = d.step(out, 999, x, generator=torch.Generator().manual_seed(0))
     assert not torch.isfinite(res.pred_original_sample).all() and not torch.isfinite(res.prev_sample).all()
     with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        DDPMPlusScheduler(rescale_betas_zero_snr=True)
-    o = DDPMPlusScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
-    res = o.step(out, 999, x, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(res.prev_sample).all() and torch.isfinite(res.pred_original_sample).all()
+        DDPMPlusScheduler(rescale_betas_zero_snr=True, clip_sample=False)  # the non-finite combination
+    for kw in (dict(prediction_type="v_prediction"), dict(clip_sample=True)):  # ε with clipping: as diffusers
+        o = DDPMPlusScheduler(rescale_betas_zero_snr=True, **kw)
+        res = o.step(out, 999, x, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(res.prev_sample).all() and torch.isfinite(res.pred_original_sample).all()
+    d = DDPMScheduler(rescale_betas_zero_snr=True, clip_sample=True)
+    o = DDPMPlusScheduler(rescale_betas_zero_snr=True, clip_sample=True)
+    for t in (999, 998, 500):  # clipped ε-steps agree with diffusers (float32 tables)
+        a, b = both_steps(d, o, out, t, x, seed=t)
+        torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-3, atol=1e-3)
 
 
 def test_defect10_invalid_prediction_type_at_construction():
@@ -328,17 +342,32 @@ def test_defect11_learned_range_last_respaced_step():
     tab = R.Tables(R.betas())
     clipped = np.log(R.strided(tab, t_before, t_last)["post_var"])
     out, x = inputs(7)
-    for v, want in ((-1.0, clipped), (1.0, np.log(1 - tab.abar[t_last])), (0.0, (clipped + np.log(1 - tab.abar[t_last])) / 2)):
+    assert float(o.step_coefficients().posterior_log_variance_clipped[-1]) == pytest.approx(clipped, rel=1e-12)
+    for v, want in (
+        (-1.0, clipped),
+        (1.0, np.log(1 - tab.abar[t_last])),
+        (0.0, (clipped + np.log(1 - tab.abar[t_last])) / 2),
+    ):
         model_output = torch.cat([out, torch.full_like(out, v)], dim=1).double()
-        lv = o.p_mean_variance(model_output, x.double(), t_last).log_variance
+        # the respaced pair, explicitly (p_mean_variance does not read the sampling sequence)
+        lv = o.p_mean_variance(model_output, x.double(), t_last, prev_timestep=-1, next_timestep=t_before).log_variance
         np.testing.assert_allclose(lv.numpy(), want, rtol=1e-10)
+        # _get_variance reads the sequence, as diffusers' does
+        assert float(o._get_variance(t_last, predicted_variance=torch.tensor(v, dtype=torch.float64))) == pytest.approx(
+            want, rel=1e-10
+        )
     assert clipped > -12  # a real variance (β̃' ≈ 2e-4 here), not 1e-20
 
 
 # ---------------------------------------------------------------- swapping schedulers
 
 SWAP_CONFIG = dict(
-    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="v_prediction",
+    timestep_spacing="trailing",
+    clip_sample=False,
 )
 OTHERS = [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, DDPMScheduler]
 
@@ -352,7 +381,13 @@ def test_capture_sees_diffusers_warnings():
 
 def test_compatibles():
     names = {c.__name__ for c in DDPMPlusScheduler().compatibles}
-    assert {"DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler", "DDPMPlusScheduler"} <= names
+    assert {
+        "DDIMScheduler",
+        "EulerDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "DDPMScheduler",
+        "DDPMPlusScheduler",
+    } <= names
     assert DDPMPlusScheduler.order == 1 and DDPMPlusScheduler().init_noise_sigma == 1.0
     x = torch.randn(SHAPE)
     assert torch.equal(DDPMPlusScheduler().scale_model_input(x, 10), x)  # DDPM needs no input scaling
@@ -388,7 +423,9 @@ def test_swap_preserves_rescaled_linear_schedule():
 def test_extra_config_keys_survive_save_and_load(tmp_path):
     """Our extra key (rescale_betas_for_num_timesteps) and the schedule it made survive save_config /
     from_pretrained, directly and through a diffusers scheduler's saved config (as a hidden entry)."""
-    ours = DDPMPlusScheduler(num_train_timesteps=200, rescale_betas_for_num_timesteps=True, variance_type="learned_range")
+    ours = DDPMPlusScheduler(
+        num_train_timesteps=200, rescale_betas_for_num_timesteps=True, variance_type="learned_range"
+    )
     assert ours.alphas_cumprod[-1] < 1e-3  # the rescaled schedule (unscaled: ᾱ_T ≈ 0.13)
     ours.save_config(tmp_path / "a")
     again = DDPMPlusScheduler.from_pretrained(tmp_path / "a")

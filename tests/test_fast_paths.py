@@ -13,12 +13,12 @@ the one tested here.
 import math
 import types
 
+import ddpm_reference as R
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-import ddpm_reference as R
 from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
 from ddpm_plus.fast_sampling import FastSampler, fast_sample
 
@@ -33,6 +33,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 MU = (0.3, -0.2)  # per-channel data mean and std of the Gaussian data
 S = (0.5, 0.8)
 
@@ -72,9 +74,15 @@ class GaussianEpsModel(torch.nn.Module):
 def tiny_unet(out_channels=3, seed=0):
     torch.manual_seed(seed)
     return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=out_channels, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=None,
+        sample_size=8,
+        in_channels=3,
+        out_channels=out_channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=None,
     ).eval()
 
 
@@ -87,7 +95,10 @@ def make_pipe(unet, **scheduler_kwargs):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     "out_channels,scheduler_kwargs",
-    [(3, {}), (6, {"variance_type": "learned_range", "prediction_type": "v_prediction", "timestep_spacing": "trailing"})],
+    [
+        (3, {}),
+        (6, {"variance_type": "learned_range", "prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ],
 )
 def test_float32_fast_sampler_reproduces_pipeline(out_channels, scheduler_kwargs, channels_last):
     """Same generator -> the pipeline's images: the table, the noise order and the no-noise final step agree."""
@@ -132,7 +143,7 @@ def test_fast_sampler_matches_exact_gaussian_chain(dtype, channels_last, steps, 
     x = sampler(64, steps, torch.Generator().manual_seed(steps), output_type="latent").images.double()
     timesteps = sampler.scheduler.timesteps.tolist()
     assert len(timesteps) == steps
-    for c, (mu, s) in enumerate(zip(MU, S)):
+    for c, (mu, s) in enumerate(zip(MU, S, strict=True)):
         m, v = R.gaussian_chain_moments(TAB, timesteps, mu, s, variance_type)
         xc = x[:, c].flatten()
         N = xc.numel()
@@ -214,8 +225,9 @@ def test_invalid_arguments_fail_early():
         sampler(2, 3, latents=torch.zeros(1, 3, 8, 8))
 
 
+@pytest.mark.slow
 def test_benchmark_entry_point_runs_every_section_on_tiny_sizes(tmp_path):
-    """benchmarks/run.py end to end on the CPU (tiny UNet, one round): every section produces finite,
+    """`python -m benchmarks.run` end to end on the CPU (tiny UNet, one round): every section produces finite,
     positive figures from the real code paths (train.py's training_step, the pipelines, FastSampler).
     It times nothing against a threshold; it keeps the benchmark in step with the APIs it drives."""
     import json
@@ -225,9 +237,26 @@ def test_benchmark_entry_point_runs_every_section_on_tiny_sizes(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(root / "benchmarks" / "run.py"), "--device", "cpu", "--threads", "1", "--rounds", "1",
-           "--sampling_batch", "2", "--sampling_steps", "2", "--training_batch", "2", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--rounds",
+        "1",
+        "--sampling_batch",
+        "2",
+        "--sampling_steps",
+        "2",
+        "--training_batch",
+        "2",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     for section in ("scheduler", "sampling", "training"):
@@ -235,8 +264,12 @@ def test_benchmark_entry_point_runs_every_section_on_tiny_sizes(tmp_path):
     assert set(r["scheduler"]["cases"]) == {"step_int", "step_tensor", "add_noise"}
     ratios = [c["ratio_ours_over_diffusers"] for c in r["scheduler"]["cases"].values()]
     assert all(0 < x < math.inf for x in ratios)
-    assert {"diffusers DDPMPipeline fp32", "DDPMPlusPipeline fp32", "fast fp32", "fast bf16"} <= set(r["sampling"]["rows"])
+    assert {"diffusers DDPMPipeline fp32", "DDPMPlusPipeline fp32", "fast fp32", "fast bf16"} <= set(
+        r["sampling"]["rows"]
+    )
     assert not r["sampling"]["errors"]
     assert all(0 < row["ms_per_step"] < math.inf for row in r["sampling"]["rows"].values())
     rows = r["training"]["rows"]
-    assert len(rows) == 3 and all(math.isfinite(row["warmup_loss"]) and row["images_per_s"] > 0 for row in rows.values())
+    assert len(rows) == 3 and all(
+        math.isfinite(row["warmup_loss"]) and row["images_per_s"] > 0 for row in rows.values()
+    )

@@ -110,8 +110,10 @@ def test_decoder_matches_mpmath_in_the_tails():
             lo, hi = -hi, -lo
         ref = float(mpmath.log(mpmath.ncdf(hi) - mpmath.ncdf(lo)))
         got = discretized_gaussian_log_likelihood(
-            torch.tensor([x], dtype=torch.float64), torch.tensor(mean, dtype=torch.float64),
-            torch.tensor(math.log(scale), dtype=torch.float64), num_bins,
+            torch.tensor([x], dtype=torch.float64),
+            torch.tensor(mean, dtype=torch.float64),
+            torch.tensor(math.log(scale), dtype=torch.float64),
+            num_bins,
         ).item()
         assert got == pytest.approx(ref, rel=1e-10), (mean, scale, x)
 
@@ -125,6 +127,7 @@ def test_decoder_has_finite_gradients_at_extremes():
 
 
 # ----------------------------------------------------------------------------------- the whole bound
+@pytest.mark.slow
 def test_bound_equals_entropy_for_the_true_reverse_process():
     """Gaussian data, model = the exact reverse chain (learned log-variance): bound = entropy.
 
@@ -154,7 +157,7 @@ def test_bound_with_fixed_variance_is_above_entropy_and_wrong_models_score_worse
 
     good = score(_gaussian_model("fixed_small"))
     assert entropy + 1.0 < good < entropy + 2.5
-    print(f'fixed_small bound {good:.4f}, entropy {entropy:.4f}')
+    print(f"fixed_small bound {good:.4f}, entropy {entropy:.4f}")
     assert score(_gaussian_model("fixed_small", scale=0.8)) > good + 0.2
     assert score(lambda x, t: torch.zeros_like(x)) > good + 5.0
 
@@ -178,8 +181,13 @@ def test_respaced_bound_uses_exact_beta_prime():
     prev_of = {t: (asc[i - 1] if i else -1) for i, t in enumerate(asc)}
     g = torch.Generator().manual_seed(1)
     out = vlb_terms(
-        _gaussian_model("learned", prev_of=prev_of), _scheduler("learned"), x0, timesteps=torch.tensor(seq),
-        num_bins=256, generator=g, progress=False,
+        _gaussian_model("learned", prev_of=prev_of),
+        _scheduler("learned"),
+        x0,
+        timesteps=torch.tensor(seq),
+        num_bins=256,
+        generator=g,
+        progress=False,
     )
     assert out["total_bpd"].mean().item() == pytest.approx(entropy, abs=0.1)
     assert out["terms_bpd"].shape == (x0.shape[0], len(seq))
@@ -187,9 +195,17 @@ def test_respaced_bound_uses_exact_beta_prime():
     torch.testing.assert_close(out["total_bpd"], out["prior_bpd"] + out["terms_bpd"].sum(1))
 
     sched = _scheduler("fixed_small")
-    full = bits_per_dim(_gaussian_model(), sched, x0, num_bins=256, generator=torch.Generator().manual_seed(1), progress=False)
+    full = bits_per_dim(
+        _gaussian_model(), sched, x0, num_bins=256, generator=torch.Generator().manual_seed(1), progress=False
+    )
     resp = bits_per_dim(
-        _gaussian_model(), sched, x0, num_bins=256, timesteps=seq, generator=torch.Generator().manual_seed(1), progress=False
+        _gaussian_model(),
+        sched,
+        x0,
+        num_bins=256,
+        timesteps=seq,
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
     )
     assert torch.isfinite(resp).all() and resp.mean() > full.mean()
 
@@ -201,15 +217,28 @@ def test_unet_batches_and_dtype():
 
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
     ).eval()
     x0, _ = _gaussian_data(17, n=5, hw=8)
     sched = DDPMPlusScheduler(num_train_timesteps=20, beta_start=0.005, beta_end=0.5, variance_type="fixed_large")
     a = bits_per_dim(unet, sched, x0, num_bins=17, generator=torch.Generator().manual_seed(0), progress=False)
-    b = bits_per_dim(unet, sched, x0, num_bins=17, batch_size=2, generator=torch.Generator().manual_seed(0), progress=False)
+    b = bits_per_dim(
+        unet, sched, x0, num_bins=17, batch_size=2, generator=torch.Generator().manual_seed(0), progress=False
+    )
     c = bits_per_dim(
-        lambda x, t: unet(x, t), sched, x0, num_bins=17, batch_size=3, generator=torch.Generator().manual_seed(0),
+        lambda x, t: unet(x, t),
+        sched,
+        x0,
+        num_bins=17,
+        batch_size=3,
+        generator=torch.Generator().manual_seed(0),
         progress=False,
     )
     assert a.dtype == torch.float64 and a.shape == (5,) and torch.isfinite(a).all()
@@ -223,8 +252,12 @@ def test_accepts_a_diffusers_ddpm_scheduler_config():
     x0, _ = _gaussian_data(17, n=2, hw=4)
     ours = _scheduler("fixed_small")
     theirs = DDPMScheduler.from_config(ours.config)
-    a = bits_per_dim(_gaussian_model(), ours, x0, num_bins=17, generator=torch.Generator().manual_seed(0), progress=False)
-    b = bits_per_dim(_gaussian_model(), theirs, x0, num_bins=17, generator=torch.Generator().manual_seed(0), progress=False)
+    a = bits_per_dim(
+        _gaussian_model(), ours, x0, num_bins=17, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    b = bits_per_dim(
+        _gaussian_model(), theirs, x0, num_bins=17, generator=torch.Generator().manual_seed(0), progress=False
+    )
     torch.testing.assert_close(a, b)
 
 

@@ -16,8 +16,11 @@ T = 50
 
 def _sched(prediction_type="epsilon", variance_type="fixed_small"):
     return DDPMPlusScheduler(
-        num_train_timesteps=T, beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T,
-        prediction_type=prediction_type, variance_type=variance_type,
+        num_train_timesteps=T,
+        beta_start=1e-4 * 1000 / T,
+        beta_end=0.02 * 1000 / T,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
     )
 
 
@@ -77,13 +80,16 @@ def test_min_snr_weighting_equals_min_snr_times_x0_error(prediction_type, gamma)
     got = compute_loss(sched, out.float(), x0, x_t, noise, t, snr_gamma=gamma)
     torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=1e-6)
     w = min_snr_weights(sched, t, gamma).double()
-    expected_w = {"epsilon": snr.clamp(max=gamma) / snr, "sample": snr.clamp(max=gamma),
-                  "v_prediction": snr.clamp(max=gamma) / (snr + 1)}[prediction_type]
+    expected_w = {
+        "epsilon": snr.clamp(max=gamma) / snr,
+        "sample": snr.clamp(max=gamma),
+        "v_prediction": snr.clamp(max=gamma) / (snr + 1),
+    }[prediction_type]
     torch.testing.assert_close(w, expected_w, rtol=1e-5, atol=0)
 
 
 def _reference_vb_bits(x0, x_t, eps, v, t):
-    """Independent float64 L_t (bits/dim) for learned_range, eps-prediction, from shared/notes/math.md."""
+    """Independent float64 L_t (bits/dim) for learned_range, eps-prediction, from docs/math.md."""
     abar = _abar()
     betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T)
     out = []
@@ -127,9 +133,9 @@ def test_hybrid_and_vlb_values_and_gradients():
     torch.testing.assert_close(vlb.double(), T * ref_vb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hybrid.double(), simple.double() + 0.001 * T * ref_vb, rtol=1e-5, atol=1e-6)
 
-    g_simple, = torch.autograd.grad(simple.sum(), out)
-    g_hybrid, = torch.autograd.grad(hybrid.sum(), out)
-    g_vlb, = torch.autograd.grad(vlb.sum(), out)
+    (g_simple,) = torch.autograd.grad(simple.sum(), out)
+    (g_hybrid,) = torch.autograd.grad(hybrid.sum(), out)
+    (g_vlb,) = torch.autograd.grad(vlb.sum(), out)
     torch.testing.assert_close(g_hybrid[:, :1], g_simple[:, :1])  # mean gradient stopped in L_vlb
     assert g_simple[:, 1:].abs().sum() == 0
     torch.testing.assert_close(g_hybrid[:, 1:], 0.001 * g_vlb[:, 1:], rtol=1e-4, atol=1e-8)

@@ -2,14 +2,14 @@
 
 For every sequence: exactly N distinct strictly descending timesteps in [0, T−1], previous_timestep
 walks the sequence (−1 after the last), the final step adds no noise, and every strided step uses the
-exact β' = 1 − ᾱ_t/ᾱ_prev of its pair (math.md, Respacing) in the posterior mean and variance.
+exact β' = 1 − ᾱ_t/ᾱ_prev of its pair (docs/math.md, Respacing) in the posterior mean and variance.
 """
 
+import ddpm_reference as R
 import numpy as np
 import pytest
 import torch
 
-import ddpm_reference as R
 from ddpm_plus import DDPMPlusScheduler
 
 T = 1000
@@ -21,28 +21,36 @@ STEPS = [1, 2, 3, 7, 50, 61, 999, 1000] + sorted(int(n) for n in _rng.choice(np.
 def check_sequence(ts, n):
     assert len(ts) == n, (len(ts), n)
     assert len(set(ts)) == n
-    assert all(a > b for a, b in zip(ts, ts[1:])), ts[:10]
+    assert all(a > b for a, b in zip(ts, ts[1:], strict=False)), ts[:10]
     assert 0 <= ts[-1] and ts[0] <= T - 1, (ts[0], ts[-1])
 
 
 def check_pairs(s_small, s_large, ts):
-    """previous_timestep, posterior mean/variance (β̃') and fixed_large variance (β') for every pair."""
+    """previous_timestep, the sequence's step_coefficients and the posterior mean/variance (β̃') and
+    fixed_large variance (β') of every pair, through the explicit prev_timestep API."""
     tt = torch.tensor(ts)
     prev = s_small.previous_timestep(tt)
     assert prev.tolist() == ts[1:] + [-1]
-    assert s_small.previous_timestep(ts[-1]) == -1 and s_small.previous_timestep(ts[0]) == (ts[1] if len(ts) > 1 else -1)
-    exp = [R.strided(TAB, t, p) for t, p in zip(ts, ts[1:] + [-1])]
+    assert s_small.previous_timestep(ts[-1]) == -1 and s_small.previous_timestep(ts[0]) == (
+        ts[1] if len(ts) > 1 else -1
+    )
+    exp = [R.strided(TAB, t, p) for t, p in zip(ts, ts[1:] + [-1], strict=True)]
+    c = s_small.step_coefficients()
+    assert c.timestep.tolist() == ts and c.prev_timestep.tolist() == ts[1:] + [-1]
+    np.testing.assert_allclose(c.posterior_mean_coef1.numpy(), [e["coef_x0"] for e in exp], rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(c.posterior_variance.numpy(), [e["post_var"] for e in exp], rtol=1e-10, atol=1e-18)
+    np.testing.assert_allclose(c.beta.numpy(), [e["beta"] for e in exp], rtol=1e-10)
     shape = (len(ts), 1, 1, 1)
     one, zero = torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
-    mean_x0, var, _ = s_small.q_posterior(one, zero, tt)  # coefficient of x_0
-    mean_xt, _, _ = s_small.q_posterior(zero, one, tt)  # coefficient of x_t
+    mean_x0, var, _ = s_small.q_posterior(one, zero, tt, prev_timestep=prev)  # coefficient of x_0
+    mean_xt, _, _ = s_small.q_posterior(zero, one, tt, prev_timestep=prev)  # coefficient of x_t
     np.testing.assert_allclose(mean_x0.flatten().numpy(), [e["coef_x0"] for e in exp], rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(mean_xt.flatten().numpy(), [e["coef_xt"] for e in exp], rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(var.flatten().numpy(), [e["post_var"] for e in exp], rtol=1e-10, atol=1e-18)
     # the sampler's own variances at the non-final steps: β̃' (fixed_small) and β' (fixed_large)
     x = torch.zeros(shape, dtype=torch.float64)
-    small = s_small.p_mean_variance(x, x, tt).variance.flatten().numpy()
-    large = s_large.p_mean_variance(x, x, tt).variance.flatten().numpy()
+    small = s_small.p_mean_variance(x, x, tt, prev_timestep=prev).variance.flatten().numpy()
+    large = s_large.p_mean_variance(x, x, tt, prev_timestep=prev).variance.flatten().numpy()
     np.testing.assert_allclose(small[:-1], [e["post_var"] for e in exp[:-1]], rtol=1e-10)
     np.testing.assert_allclose(large[:-1], [e["beta"] for e in exp[:-1]], rtol=1e-10)
 
@@ -54,7 +62,7 @@ def check_last_step_deterministic(s, t_last):
     b = s.step(out, t_last, x, generator=torch.Generator().manual_seed(2)).prev_sample
     c = s.step(out, t_last, x).prev_sample
     assert torch.equal(a, b) and torch.equal(a, c), f"noise added at the final step t={t_last}"
-    torch.testing.assert_close(a, s.p_mean_variance(out, x, t_last).mean, rtol=0, atol=0)
+    torch.testing.assert_close(a, s.p_mean_variance(out, x, t_last, prev_timestep=-1).mean, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("steps_offset", [0, 1])
@@ -105,11 +113,15 @@ def test_custom_timesteps_accepted():
     assert s_small.timesteps.tolist() == [900, 100]
     # back to spaced steps: the custom sequence is forgotten
     s_small.set_timesteps(10)
-    assert len(s_small.timesteps) == 10 and s_small.previous_timestep(int(s_small.timesteps[-2])) == int(s_small.timesteps[-1])
+    assert len(s_small.timesteps) == 10 and s_small.previous_timestep(int(s_small.timesteps[-2])) == int(
+        s_small.timesteps[-1]
+    )
 
 
 @pytest.mark.parametrize(
-    "bad", [[5, 5, 1], [1, 5], [3, 2, 2], [1000, 5], [5, -1], [-1], []], ids=["repeat", "ascending", "tail-repeat", "too-large", "negative", "only-negative", "empty"]
+    "bad",
+    [[5, 5, 1], [1, 5], [3, 2, 2], [1000, 5], [5, -1], [-1], []],
+    ids=["repeat", "ascending", "tail-repeat", "too-large", "negative", "only-negative", "empty"],
 )
 def test_invalid_custom_timesteps(bad):
     s = DDPMPlusScheduler()
@@ -127,17 +139,25 @@ def test_num_inference_steps_and_timesteps_are_exclusive():
 
 def test_respacing_with_other_train_lengths():
     """T = 100 and a zero-SNR cosine schedule: same properties, β' from the scheduler's own ᾱ."""
-    for kw in (dict(num_train_timesteps=100), dict(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, prediction_type="v_prediction")):
+    for kw in (
+        dict(num_train_timesteps=100),
+        dict(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+    ):
         s = DDPMPlusScheduler(timestep_spacing="trailing", **kw)
         Tn = s.config.num_train_timesteps
-        tab = R.Tables(R.betas(kw.get("beta_schedule", "linear"), T=Tn, zero_snr=kw.get("rescale_betas_zero_snr", False)))
+        tab = R.Tables(
+            R.betas(kw.get("beta_schedule", "linear"), T=Tn, zero_snr=kw.get("rescale_betas_zero_snr", False))
+        )
         for n in (1, 3, 7, Tn):
             s.set_timesteps(n)
             ts = s.timesteps.tolist()
             assert len(ts) == n and ts[0] == Tn - 1 and ts[-1] >= 0
             shape = (n, 1, 1, 1)
-            _, var, _ = s.q_posterior(torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), torch.tensor(ts))
-            exp = [R.strided(tab, t, p)["post_var"] for t, p in zip(ts, ts[1:] + [-1])]
+            prev = torch.tensor(ts[1:] + [-1])
+            _, var, _ = s.q_posterior(
+                torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), torch.tensor(ts), prev
+            )
+            exp = [R.strided(tab, t, p)["post_var"] for t, p in zip(ts, ts[1:] + [-1], strict=True)]
             np.testing.assert_allclose(var.flatten().numpy(), exp, rtol=1e-9, atol=1e-18)
 
 
@@ -180,8 +200,10 @@ def test_per_example_timesteps_in_step(steps):
     out, x = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
     tt = torch.tensor(ts)
     res = s.step(out, tt, x, generator=torch.Generator().manual_seed(4))
-    np.testing.assert_allclose(res.pred_original_sample.numpy(), s.predict_original_sample(out, x, tt).numpy(), rtol=1e-12)
-    noise = res.prev_sample.numpy() - s.p_mean_variance(out, x, tt).mean.numpy()
+    np.testing.assert_allclose(
+        res.pred_original_sample.numpy(), s.predict_original_sample(out, x, tt).numpy(), rtol=1e-12
+    )
+    noise = res.prev_sample.numpy() - s.p_mean_variance(out, x, tt, prev_timestep=s.previous_timestep(tt)).mean.numpy()
     for i, t in enumerate(ts):
         p = seq[seq.index(t) + 1] if t != seq[-1] else -1
         assert s.previous_timestep(t) == p

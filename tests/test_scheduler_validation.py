@@ -50,7 +50,14 @@ def test_beta_range_rejected(schedule, beta_start, beta_end):
 
 @pytest.mark.parametrize(
     "betas",
-    [np.full(999, 0.01), np.full(1001, 0.01), np.r_[0.0, np.full(999, 0.01)], np.r_[np.full(999, 0.01), 1.0], np.r_[-0.1, np.full(999, 0.01)], np.r_[np.full(999, 0.01), 1.2]],
+    [
+        np.full(999, 0.01),
+        np.full(1001, 0.01),
+        np.r_[0.0, np.full(999, 0.01)],
+        np.r_[np.full(999, 0.01), 1.0],
+        np.r_[-0.1, np.full(999, 0.01)],
+        np.r_[np.full(999, 0.01), 1.2],
+    ],
     ids=["short", "long", "zero", "one", "negative", "above-one"],
 )
 def test_trained_betas_rejected(betas):
@@ -60,13 +67,42 @@ def test_trained_betas_rejected(betas):
     assert "1000" in msg and ("(0, 1)" in msg or "0 <" in msg), msg  # expected length and range
 
 
-def test_zero_terminal_snr_with_epsilon_rejected_at_construction():
+def test_zero_terminal_snr_with_epsilon_rejected_only_without_clipping():
+    """ᾱ_T = 0 makes the ε-prediction's x̂_0 infinite at t = T-1: refused only where nothing clips it (then
+    step() would return inf/NaN); with clip_sample or thresholding the step is finite, as in diffusers."""
     with pytest.raises(ValueError, match="rescale_betas_zero_snr") as err:
-        DDPMPlusScheduler(rescale_betas_zero_snr=True)  # prediction_type defaults to epsilon
+        DDPMPlusScheduler(rescale_betas_zero_snr=True, clip_sample=False)  # prediction_type defaults to epsilon
     msg = str(err.value)
-    assert "epsilon" in msg and "v_prediction" in msg and "sample" in msg, msg
+    assert all(w in msg for w in ("epsilon", "v_prediction", "sample", "clip_sample", "thresholding", "inf")), msg
     for ok in ("v_prediction", "sample"):
-        DDPMPlusScheduler(rescale_betas_zero_snr=True, prediction_type=ok)
+        DDPMPlusScheduler(rescale_betas_zero_snr=True, prediction_type=ok, clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    out, x = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    for kw in (dict(clip_sample=True), dict(clip_sample=False, thresholding=True)):
+        s = DDPMPlusScheduler(rescale_betas_zero_snr=True, **kw)
+        assert float(s.alphas_cumprod[-1]) == 0.0
+        res = s.step(out, 999, x, generator=g)
+        assert torch.isfinite(res.prev_sample).all() and torch.isfinite(res.pred_original_sample).all(), kw
+
+
+def test_one_step_training_chain_is_supported():
+    """num_train_timesteps=1: a one-step chain x_1 -> x_0 (β_1 = beta_start); the clipped log-variance of its
+    only step falls back to log β_1 (there is no β̃_2)."""
+    s = DDPMPlusScheduler(num_train_timesteps=1)
+    assert s.timesteps.tolist() == [0] and s.previous_timestep(0) == -1
+    assert float(s.betas[0]) == 1e-4 and float(s.posterior_variance[0]) == 0.0
+    assert float(s.posterior_log_variance_clipped[0]) == pytest.approx(np.log(1e-4), rel=1e-12)
+    for spacing in ("leading", "linspace", "trailing"):
+        s2 = DDPMPlusScheduler(num_train_timesteps=1, timestep_spacing=spacing)
+        s2.set_timesteps(1)
+        assert s2.timesteps.tolist() == [0]
+    out, x = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    res = s.step(out, 0, x)
+    assert torch.equal(res.prev_sample, s.p_mean_variance(out, x, 0).mean)  # deterministic final step
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        DDPMPlusScheduler(num_train_timesteps=0)
+    with pytest.raises(ValueError, match="num_train_timesteps >= 2"):
+        DDPMPlusScheduler(num_train_timesteps=1, rescale_betas_zero_snr=True, prediction_type="v_prediction")
 
 
 @pytest.mark.parametrize("T,n", [(1000, 0), (1000, -3), (1000, 1001), (100, 101), (100, 1000)])
@@ -77,7 +113,9 @@ def test_num_inference_steps_out_of_range(T, n):
     assert f"[1, {T}]" in str(err.value) or str(T) in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("bad", [[5, 5, 1], [1, 5], [1000, 5], [5, -1], []], ids=["repeat", "ascending", "too-large", "negative", "empty"])
+@pytest.mark.parametrize(
+    "bad", [[5, 5, 1], [1, 5], [1000, 5], [5, -1], []], ids=["repeat", "ascending", "too-large", "negative", "empty"]
+)
 def test_custom_timesteps_invalid(bad):
     with pytest.raises(ValueError, match="timesteps"):
         DDPMPlusScheduler().set_timesteps(timesteps=bad)
