@@ -17,8 +17,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,25 +40,44 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ev.add_argument("pipeline", metavar="PIPELINE_DIR_OR_REPO_ID")
-    ev.add_argument("--split", default="test", choices=("test", "train", "all"),
-                    help="digits split for bits/dim (default: the held-out 'test' split, 360 images)")
+    ev.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "train", "all"),
+        help="digits split for bits/dim (default: the held-out 'test' split, 360 images)",
+    )
     ev.add_argument("--num_bins", type=int, default=17, help="grid levels of the data (17 for the digits)")
     ev.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample_size")
     ev.add_argument("--max_images", type=int, default=None, help="evaluate bits/dim on the first N images only")
     ev.add_argument("--num_samples", type=int, default=64, help="images to sample for the grid and the proxy")
     ev.add_argument("--inference_steps", type=int, default=100, help="denoising steps for sampling")
-    ev.add_argument("--timesteps_respaced", type=int, default=None, metavar="K",
-                    help="bound on K evenly spaced timesteps (faster, looser) instead of all T")
+    ev.add_argument(
+        "--timesteps_respaced",
+        type=int,
+        default=None,
+        metavar="K",
+        help="bound on K evenly spaced timesteps (faster, looser) instead of all T",
+    )
     ev.add_argument("--batch_size", type=int, default=256, help="images per UNet call in the bound")
-    ev.add_argument("--output_dir", default=None,
-                    help="where the grid and JSON go (default: PIPELINE_DIR/evaluation, or ./evaluation-<repo>)")
+    ev.add_argument(
+        "--output_dir",
+        default=None,
+        help="where the grid and JSON go (default: PIPELINE_DIR/evaluation, or ./evaluation-<repo>)",
+    )
     ev.add_argument("--json", default=None, help="JSON path (default: OUTPUT_DIR/eval_results.json)")
     ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--classifier_cache_dir", default=None,
-                    help="where the digits classifier's safetensors weights are cached (default: ~/.cache/ddpm_plus)")
-    ev.add_argument("--inception_weights", default=None, metavar="PATH",
-                    help="literature FID with this local Inception weights file (needs torch-fidelity; never downloads)")
+    ev.add_argument(
+        "--classifier_cache_dir",
+        default=None,
+        help="where the digits classifier's safetensors weights are cached (default: ~/.cache/ddpm_plus)",
+    )
+    ev.add_argument(
+        "--inception_weights",
+        default=None,
+        metavar="PATH",
+        help="literature FID with this local Inception weights file (needs torch-fidelity; never downloads)",
+    )
     ev.add_argument("--push_to_hub", action="store_true", help="write the results into the model card and push")
     ev.add_argument("--hub_model_id", default=None, help="repo to push to (default: the evaluated repo id)")
     ev.add_argument("--hub_private_repo", action="store_true")
@@ -74,12 +93,21 @@ TRAIN_EXTRA_HINT = 'pip install "ddpm-plus[train]"'
 
 def _add_train_and_push_parsers(sub) -> None:
     # `train` hands every argument after it to ddpm_plus.train (its own parser, its own --help).
-    sub.add_parser("train", add_help=False, help="train a DDPM in one process (flags: ddpm-plus train --help; "
-                   "many processes: accelerate launch -m ddpm_plus.train)")
+    sub.add_parser(
+        "train",
+        add_help=False,
+        help="train a DDPM in one process (flags: ddpm-plus train --help; "
+        "many processes: accelerate launch -m ddpm_plus.train)",
+    )
     from .hub import add_push_arguments
 
-    add_push_arguments(sub.add_parser("push", help="push a training output directory's pipeline, model card and "
-                                      "last sample grid to the Hub (never checkpoints or logs)"))
+    add_push_arguments(
+        sub.add_parser(
+            "push",
+            help="push a training output directory's pipeline, model card and "
+            "last sample grid to the Hub (never checkpoints or logs)",
+        )
+    )
 
 
 def _missing_train_extra(err: ImportError) -> str | None:
@@ -159,8 +187,12 @@ def _inception_fid(samples01: torch.Tensor, reals01: torch.Tensor, weights: str)
             return self.x[i]
 
     metrics = torch_fidelity.calculate_metrics(
-        input1=_Images(samples01), input2=_Images(reals01), fid=True, cuda=torch.cuda.is_available(),
-        feature_extractor_weights_path=weights, verbose=False,
+        input1=_Images(samples01),
+        input2=_Images(reals01),
+        fid=True,
+        cuda=torch.cuda.is_available(),
+        feature_extractor_weights_path=weights,
+        verbose=False,
     )
     return float(metrics["frechet_inception_distance"])
 
@@ -188,8 +220,10 @@ def evaluate(args) -> dict:
         raise SystemExit(f"error: only square UNets are supported, sample_size={size}")
     resolution = args.resolution or native
     channels = int(unet.config.in_channels)
-    out_dir = Path(args.output_dir or (Path(args.pipeline) / "evaluation" if local
-                                       else f"evaluation-{args.pipeline.replace('/', '__')}"))
+    out_dir = Path(
+        args.output_dir
+        or (Path(args.pipeline) / "evaluation" if local else f"evaluation-{args.pipeline.replace('/', '__')}")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     images = digits_heldout_tensor(resolution, channels, split=args.split)
@@ -199,8 +233,16 @@ def evaluate(args) -> dict:
     seq = None if args.timesteps_respaced is None else _respaced_timesteps(num_train, args.timesteps_respaced)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed)
-    terms = vlb_terms(unet, scheduler, images, timesteps=seq, num_bins=args.num_bins, generator=gen,
-                      batch_size=args.batch_size, progress=not args.no_progress)
+    terms = vlb_terms(
+        unet,
+        scheduler,
+        images,
+        timesteps=seq,
+        num_bins=args.num_bins,
+        generator=gen,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     bound_seconds = time.perf_counter() - t0
     bpd = terms["total_bpd"]
     n = len(bpd)
@@ -239,8 +281,12 @@ def evaluate(args) -> dict:
     sample_gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
         # "np" (N, H, W, C in [0, 1]) is what both DDPMPlusPipeline and diffusers' DDPMPipeline return.
-        samples = pipe(batch_size=args.num_samples, generator=sample_gen,
-                       num_inference_steps=args.inference_steps, output_type="np").images
+        samples = pipe(
+            batch_size=args.num_samples,
+            generator=sample_gen,
+            num_inference_steps=args.inference_steps,
+            output_type="np",
+        ).images
     samples01 = torch.from_numpy(np.asarray(samples, dtype=np.float32)).permute(0, 3, 1, 2)
     grid_path = out_dir / "samples_grid.png"
     image_grid(samples01).save(grid_path)
@@ -248,17 +294,22 @@ def evaluate(args) -> dict:
     train_feats = classifier_features(classifier, digits_heldout_tensor(8, 1, split="train"))
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     reals = images[perm[: args.num_samples]]
-    results.update({
-        "num_samples": args.num_samples,
-        "inference_steps": args.inference_steps,
-        "sample_grid": str(grid_path),
-        "classifier_heldout_accuracy": accuracy,
-        "frechet_proxy_name": PROXY_NAME,
-        "frechet_proxy_samples_vs_train": frechet_distance(classifier_features(classifier, samples01 * 2 - 1),
-                                                           train_feats),
-        "frechet_proxy_floor_heldout_vs_train": frechet_distance(classifier_features(classifier, reals), train_feats),
-        "frechet_proxy_floor_num_images": int(len(reals)),
-    })
+    results.update(
+        {
+            "num_samples": args.num_samples,
+            "inference_steps": args.inference_steps,
+            "sample_grid": str(grid_path),
+            "classifier_heldout_accuracy": accuracy,
+            "frechet_proxy_name": PROXY_NAME,
+            "frechet_proxy_samples_vs_train": frechet_distance(
+                classifier_features(classifier, samples01 * 2 - 1), train_feats
+            ),
+            "frechet_proxy_floor_heldout_vs_train": frechet_distance(
+                classifier_features(classifier, reals), train_feats
+            ),
+            "frechet_proxy_floor_num_images": int(len(reals)),
+        }
+    )
     if args.inception_weights is not None:
         results["fid_inception"] = _inception_fid(samples01, (reals + 1) / 2, args.inception_weights)
 
@@ -280,7 +331,9 @@ def dims_per_source_pixel(resolution: int, channels: int) -> int | None:
 
 def card_metrics(results: dict) -> dict:
     """The figures that go into the model card's Evaluation table."""
-    where = f"digits {results['dataset'].split('split=')[-1]}, {results['num_images']} images, {results['num_bins']} levels"
+    where = (
+        f"digits {results['dataset'].split('split=')[-1]}, {results['num_images']} images, {results['num_bins']} levels"
+    )
     rows = {f"bits/dim ({where})": f"{results['bits_per_dim']:.4f} ± {results['bits_per_dim_stderr']:.4f}"}
     if "bits_per_source_pixel" in results:
         rows["bits per source 8x8 pixel"] = f"{results['bits_per_source_pixel']:.4f}"
@@ -296,14 +349,24 @@ def format_table(results: dict) -> str:
         ("bits/dim (model dims)", f"{results['bits_per_dim']:.4f} ± {results['bits_per_dim_stderr']:.4f}"),
     ]
     if "bits_per_source_pixel" in results:
-        rows.append(("bits/dim per source 8x8 pixel (compare to baselines)",
-                     f"{results['bits_per_source_pixel']:.4f} ± {results['bits_per_source_pixel_stderr']:.4f}"))
+        rows.append(
+            (
+                "bits/dim per source 8x8 pixel (compare to baselines)",
+                f"{results['bits_per_source_pixel']:.4f} ± {results['bits_per_source_pixel_stderr']:.4f}",
+            )
+        )
     rows += [
         ("  prior L_T / decoder L_0", f"{results['prior_bits_per_dim']:.5f} / {results['decoder_bits_per_dim']:.4f}"),
-        ("images / bins / timesteps", f"{results['num_images']} / {results['num_bins']} / {results['bound_timesteps']}"),
+        (
+            "images / bins / timesteps",
+            f"{results['num_images']} / {results['num_bins']} / {results['bound_timesteps']}",
+        ),
         (f"{PROXY_NAME}", f"{results['frechet_proxy_samples_vs_train']:.3f} ({results['num_samples']} samples)"),
-        ("  floor: held-out real vs train", f"{results['frechet_proxy_floor_heldout_vs_train']:.3f} "
-                                            f"({results['frechet_proxy_floor_num_images']} images)"),
+        (
+            "  floor: held-out real vs train",
+            f"{results['frechet_proxy_floor_heldout_vs_train']:.3f} "
+            f"({results['frechet_proxy_floor_num_images']} images)",
+        ),
         ("classifier held-out accuracy", f"{results['classifier_heldout_accuracy']:.4f}"),
     ]
     if "fid_inception" in results:
@@ -324,17 +387,25 @@ def _push(args, results: dict, local: bool) -> None:
     else:
         from huggingface_hub import snapshot_download
 
-        source = Path(snapshot_download(args.pipeline, local_dir=Path(results["sample_grid"]).parent / "pipeline",
-                                        token=args.hub_token))
+        source = Path(
+            snapshot_download(
+                args.pipeline, local_dir=Path(results["sample_grid"]).parent / "pipeline", token=args.hub_token
+            )
+        )
     if not (source / "README.md").is_file():
         hub.write_model_card(source)
     hub.set_card_evaluation(source, card_metrics(results))
-    hub.push_output_dir(source, repo_id, private=args.hub_private_repo, token=args.hub_token,
-                        commit_message="Add ddpm-plus evaluation results")
+    hub.push_output_dir(
+        source,
+        repo_id,
+        private=args.hub_private_repo,
+        token=args.hub_token,
+        commit_message="Add ddpm-plus evaluation results",
+    )
     print(f"pushed {source} with the evaluation in its model card to {repo_id}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(list(sys.argv[1:] if argv is None else argv))
     except ImportError as err:

@@ -98,7 +98,7 @@ def training_step(
 ) -> StepOutput:
     """One micro-step on ``batch["pixel_values"]`` (images in [-1, 1]).
 
-    Noising x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (seed eq. 4) and the loss are computed in
+    Noising x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (docs/math.md eq. 16) and the loss are computed in
     float32 outside the model's autocast; under gradient accumulation the optimizer, LR scheduler
     (counted in optimizer steps) and EMA advance only when ``accelerator.sync_gradients``. No host
     synchronisation unless ``importance_sampler`` (vlb) must record the gathered losses.
@@ -136,7 +136,7 @@ def training_step(
 
 def build_accelerator(args):
     # Without cpu=True, `accelerate launch --multi_gpu` on a CPU-only machine starts processes that
-    # each train alone (see shared/notes/accelerate.md); with it they form a gloo group.
+    # each train alone (accelerate falls back to one process per launch); with it they form a gloo group.
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
     accelerator = Accelerator(
         cpu=not has_accelerator,

@@ -1,7 +1,7 @@
 """A small Hugging Face Hub-protocol server for tests: standard library only, loopback only.
 
 It answers the requests the real ``huggingface_hub`` client (2.4) and ``DiffusionPipeline.from_pretrained``
-make for model repos (the sequence is in shared/notes/hub-protocol.md): create_repo, repo/model info,
+make for model repos (the sequence huggingface_hub 0.34+ sends): create_repo, repo/model info,
 preupload, git-LFS batch/PUT/verify (sha256 checked), NDJSON commits, validate-yaml, tree listings,
 HEAD/GET resolve and whoami-v2. Writes need ``Authorization: Bearer <token>`` of the repo's owner; private
 repos are invisible (404) to anyone else. File contents live on disk under a temporary directory, keyed
@@ -95,7 +95,7 @@ class HubServer:
         self._httpd: ThreadingHTTPServer | None = None
 
     # ----- lifecycle and test controls -----
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         handler = type("Handler", (_Handler,), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
@@ -113,8 +113,16 @@ class HubServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    def fail(self, step: str, *, nth: int = 1, status: int | None = 500, times: int = 1, truncate: bool = False,
-             delay: float = 0.0):
+    def fail(
+        self,
+        step: str,
+        *,
+        nth: int = 1,
+        status: int | None = 500,
+        times: int = 1,
+        truncate: bool = False,
+        delay: float = 0.0,
+    ):
         """Make the `nth` (and the next `times`-1) requests of `step` fail with `status` (counted from now).
 
         `step` is one of STEPS. With ``truncate=True`` (lfs_put only) the body is cut in half instead,
@@ -201,8 +209,13 @@ class HubServer:
     # ----- endpoints: (headers, query, body, **url groups) -> (status, payload | (bytes, headers)) -----
     def whoami(self, headers, query, body):
         user = self._require_user(headers)
-        return 200, {"type": "user", "name": user, "fullname": user, "orgs": [],
-                     "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}}
+        return 200, {
+            "type": "user",
+            "name": user,
+            "fullname": user,
+            "orgs": [],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+        }
 
     def create(self, headers, query, body):
         user = self._require_user(headers)
@@ -235,9 +248,22 @@ class HubServer:
         r = self._repo(repo, headers)
         oid, files = self._resolve(r, rev or "main")
         siblings = [{"rfilename": p, "size": e.size, "blobId": e.blob_id} for p, e in sorted(files.items())]
-        return 200, {"_id": oid[:24], "id": r.repo_id, "modelId": r.repo_id, "author": r.owner, "sha": oid,
-                     "private": r.private, "gated": False, "disabled": False, "tags": [], "downloads": 0,
-                     "likes": 0, "createdAt": r.created, "lastModified": r.created, "siblings": siblings}
+        return 200, {
+            "_id": oid[:24],
+            "id": r.repo_id,
+            "modelId": r.repo_id,
+            "author": r.owner,
+            "sha": oid,
+            "private": r.private,
+            "gated": False,
+            "disabled": False,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+            "createdAt": r.created,
+            "lastModified": r.created,
+            "siblings": siblings,
+        }
 
     def preupload(self, headers, query, body, repo, rev):
         r = self._repo(repo, headers, write=True)
@@ -247,8 +273,9 @@ class HubServer:
             lfs = f["path"].lower().endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE
             old = files.get(f["path"])
             oid = None if old is None else (old.sha256 if old.lfs else old.blob_id)
-            out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                        "oid": oid})
+            out.append(
+                {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         return 200, {"files": out}
 
     def lfs_batch(self, headers, query, body, repo):
@@ -335,7 +362,7 @@ class HubServer:
             raise HubError(404, f"{base} does not exist in {repo}", "EntryNotFound")
         entries, folders = [], set()
         for p, e in sorted(under.items()):
-            parts = p[len(prefix):].split("/")
+            parts = p[len(prefix) :].split("/")
             for i in range(1, len(parts)):
                 if recursive or i == 1:
                     folders.add(prefix + "/".join(parts[:i]))
@@ -353,8 +380,12 @@ class HubServer:
         entry = files.get(path)
         if entry is None:
             raise HubError(404, f"{path} does not exist in {repo}", "EntryNotFound", {"X-Repo-Commit": oid})
-        out = {"X-Repo-Commit": oid, "ETag": f'"{entry.sha256 if entry.lfs else entry.blob_id}"',
-               "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        out = {
+            "X-Repo-Commit": oid,
+            "ETag": f'"{entry.sha256 if entry.lfs else entry.blob_id}"',
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
         if entry.lfs:
             out.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
         data = self._blob(entry.sha256).read_bytes()
@@ -362,7 +393,7 @@ class HubServer:
         if match:
             start, end = int(match[1]), int(match[2] or len(data) - 1)
             out["Content-Range"] = f"bytes {start}-{min(end, len(data) - 1)}/{len(data)}"
-            status, data = 206, data[start:end + 1]
+            status, data = 206, data[start : end + 1]
         return status, (data, out)
 
 

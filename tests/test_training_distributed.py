@@ -1,5 +1,5 @@
 """Two gloo CPU processes through `accelerate launch --multi_gpu --num_processes 2` (the way to get a real
-process group on a CPU-only machine, see shared/notes/accelerate.md; the trainer builds Accelerator(cpu=True)):
+process group on a CPU-only machine, because accelerate picks the gloo backend only with cpu=True; the trainer builds Accelerator(cpu=True)):
 one pipeline is written, every rank saves its state, and the first update equals one process with the
 same global batch. Launched through the repository's thin entry point training/train.py, which must keep
 working (`accelerate launch -m ddpm_plus.train` is tested in test_training.py)."""
