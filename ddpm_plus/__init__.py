@@ -20,7 +20,7 @@ import diffusers.pipelines
 from .fast_sampling import FastSampler, fast_sample
 from .likelihood import bits_per_dim, vlb_terms
 from .pipeline_ddpm_plus import DDPMPlusPipeline
-from .scheduling_ddpm_plus import DDPMPlusScheduler, DDPMPlusSchedulerOutput
+from .scheduling_ddpm_plus import DDPMPlusScheduler, DDPMPlusSchedulerOutput, StepCoefficients, respace
 
 __version__ = "0.1.0"
 
@@ -29,8 +29,10 @@ __all__ = [
     "DDPMPlusScheduler",
     "DDPMPlusSchedulerOutput",
     "FastSampler",
+    "StepCoefficients",
     "bits_per_dim",
     "fast_sample",
+    "respace",
     "vlb_terms",
     "__version__",
 ]

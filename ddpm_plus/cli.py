@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--push_to_hub", action="store_true", help="write the results into the model card and push")
     ev.add_argument("--hub_model_id", default=None, help="repo to push to (default: the evaluated repo id)")
     ev.add_argument("--hub_private_repo", action="store_true")
-    ev.add_argument("--hub_token", default=None)
+    ev.add_argument(
+        "--hub_token",
+        default=None,
+        help="discouraged (visible to other users of the machine): set HF_TOKEN or run `hf auth login`",
+    )
     ev.add_argument("--no_progress", action="store_true", help="hide progress bars")
     _add_train_and_push_parsers(sub)
     return parser
@@ -130,8 +134,20 @@ def _dispatch(argv: list[str]) -> int:
 
         return push_command(args)
     if args.command == "evaluate":
-        evaluate(args)
+        _evaluate_without_leaking_the_token(args)
     return 0
+
+
+def _evaluate_without_leaking_the_token(args) -> None:
+    """``evaluate``, with a ``--hub_token`` warned about and never printed in an error."""
+    from .hub import TOKEN_ON_COMMAND_LINE, HubPushError, redact
+
+    if args.hub_token:
+        print(f"warning: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
+    try:
+        evaluate(args)
+    except HubPushError as err:
+        raise SystemExit(f"error: {redact(str(err), args.hub_token)}") from None
 
 
 def _check_args(args) -> None:

@@ -245,3 +245,39 @@ def test_likelihood_baselines_script(capsys):
     assert round(figures["uniform"], 2) == 4.09
     assert round(figures["categorical_add_one"], 2) == 2.42
     assert round(figures["gaussian_full_cov_dequantised"], 2) == 2.93
+
+
+def test_evaluate_hub_token_is_warned_about_and_never_printed(
+    tiny_pipeline, classifier_cache, tmp_path, hub_server, hub_repo_id, capsys
+):
+    hub_server.fail("commit", status=500, times=10)
+    argv = [
+        "evaluate",
+        str(tiny_pipeline),
+        "--max_images",
+        "2",
+        "--num_samples",
+        "2",
+        "--inference_steps",
+        "2",
+        "--timesteps_respaced",
+        "3",
+        "--classifier_cache_dir",
+        str(classifier_cache[0]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--no_progress",
+        "--push_to_hub",
+        "--hub_model_id",
+        hub_repo_id,
+        "--hub_token",
+        hub_server.token,
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert "visible to other users" in err
+    assert hub_server.token not in str(exit_info.value) and hub_server.token not in err
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert hub_server.token.encode() not in path.read_bytes(), path

@@ -1,7 +1,6 @@
-"""The scheduler's public coefficient/respacing API, diffusers-compatible helpers, and code rules:
-one respacing function, FastSampler on public API only, short functions, no references outside the repo."""
+"""The scheduler's public coefficient/respacing API and diffusers-compatible helpers: one respacing
+function, FastSampler on the public API only (project-wide code rules: tests/test_source_rules.py)."""
 
-import ast
 import inspect
 import re
 from pathlib import Path
@@ -160,23 +159,3 @@ def test_step_coefficients_are_documented_and_float64():
     assert all(v.dtype == torch.float64 for k, v in zip(c._fields, c, strict=True) if "timestep" not in k)
     for name in ("coefficients", "step_coefficients", "ancestral_step", "reverse_moments"):
         assert inspect.getdoc(getattr(DDPMPlusScheduler, name)), name
-
-
-# ---------------------------------------------------------------- code rules
-
-
-def test_no_scheduler_function_over_60_lines():
-    tree = ast.parse((ROOT / "ddpm_plus" / "scheduling_ddpm_plus.py").read_text())
-    long = [
-        (n.name, n.end_lineno - n.lineno + 1)
-        for n in ast.walk(tree)
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60
-    ]
-    assert not long, long
-
-
-@pytest.mark.parametrize("name", OWN_MODULES)
-def test_no_references_to_files_outside_the_repo(name):
-    text = (ROOT / "ddpm_plus" / name).read_text().lower()
-    for banned in ("seed tutorial", "notes/math.md", "ddpm-math-zh", "shared/notes", "seed eq", "the seed's"):
-        assert banned not in text, (name, banned)
