@@ -4,6 +4,10 @@ and the Frechet distance between Gaussian fits of its penultimate-layer features
 This is a *proxy*, reported as "digits Frechet distance (proxy, not FID)": the features are not
 Inception's, the images are 8x8 digits, and the value depends on the number of samples. Compare it only
 with the reference floor computed the same way (held-out real digits vs the train split).
+
+For class-conditional models the same classifier measures fidelity to the requested class
+(:func:`class_accuracy`: the share of samples it assigns to the class they were sampled for), to be read
+next to its own accuracy on held-out real digits.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ __all__ = [
     "load_or_train_digits_classifier",
     "to_digits_frame",
     "classifier_features",
+    "classify",
+    "class_accuracy",
     "frechet_distance",
     "default_cache_dir",
 ]
@@ -131,6 +137,21 @@ def to_digits_frame(images: torch.Tensor) -> torch.Tensor:
 def classifier_features(model: DigitsClassifier, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     x = to_digits_frame(images.cpu())
     return torch.cat([model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).double().numpy()
+
+
+@torch.no_grad()
+def classify(model: DigitsClassifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The classifier's digit (argmax) for each image [N, C, H, W] in [-1, 1] (any size: see to_digits_frame)."""
+    x = to_digits_frame(images.cpu())
+    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def class_accuracy(model: DigitsClassifier, images: torch.Tensor, digits) -> float:
+    """Share of ``images`` (in [-1, 1]) that the classifier assigns to ``digits`` (the requested digit of each)."""
+    digits = torch.as_tensor(digits).long().reshape(-1)
+    if len(digits) != len(images):
+        raise ValueError(f"need one digit per image; got {len(digits)} digits for {len(images)} images")
+    return float((classify(model, images) == digits).float().mean())
 
 
 def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:

@@ -9,7 +9,8 @@ The sampled chain is the scheduler's own: its public ``step_coefficients()`` (ca
 step formula ``ancestral_step``. The noise is drawn from ``generator`` in the same order and shapes as
 ``DDPMPlusPipeline`` draws it, so a float32, non-channels_last ``FastSampler`` reproduces the pipeline's
 images for the same generator up to float32 rounding; other settings change only the UNet's arithmetic
-(tests/test_fast_paths.py).
+(tests/test_fast_paths.py). Classifier-free guidance (``guidance_scale``) is the pipeline's: one UNet call
+on the batch of 2B inside the step (see ddpm_plus/pipeline_ddpm_plus.py), captured in the same graph.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .pipeline_ddpm_plus import OUTPUT_TYPES as PIPELINE_OUTPUT_TYPES
-from .pipeline_ddpm_plus import check_sampling_inputs, labels_tensor, postprocess
+from .pipeline_ddpm_plus import check_sampling_inputs, conditioning_of, guidance_labels, guided_unet_output, postprocess
 from .scheduling_ddpm_plus import DDPMPlusScheduler, StepCoefficients
 
 OUTPUT_TYPES = PIPELINE_OUTPUT_TYPES + ("latent",)
@@ -81,6 +82,7 @@ class FastSampler:
         self.unet = torch.nn.Module.to(copy.deepcopy(unet), self.device, dtype, memory_format=memory_format).eval()
         self.unet.requires_grad_(False)
         self.unet_config = unet.config
+        self.conditioning = conditioning_of(pipe)  # classes, names and null class, for labels and guidance
         self._step_fn = torch.compile(self._step, mode=compile) if compile is not None else self._step
         T = self.scheduler.config.num_train_timesteps
         # A device table with room for every step count: row i = step i of the current schedule, one
@@ -88,7 +90,7 @@ class FastSampler:
         self._table = torch.zeros(T, len(StepCoefficients._fields), device=self.device, dtype=torch.float32)
         self._timesteps = torch.zeros(T, device=self.device, dtype=torch.long)
         self._schedule = None  # num_inference_steps the tables hold
-        self._graphs = {}  # batch_size -> (graph, static buffers)
+        self._graphs = {}  # (batch_size, guided) -> (graph, static buffers)
 
     # ------------------------------------------------------------------ tables
     def _load_schedule(self, num_inference_steps: int) -> None:
@@ -104,23 +106,28 @@ class FastSampler:
         self._schedule = num_inference_steps
 
     # ------------------------------------------------------------------ one step
-    def _step(self, x, noise, index, class_labels):
+    def _step(self, x, noise, index, class_labels, null_labels=None, scale=None):
         """x_t -> x_prev for step ``index`` (a 1-element device tensor): the scheduler's own step formula
-        (``ancestral_step``) with that step's coefficients gathered on the device (0-d tensors)."""
+        (``ancestral_step``) with that step's coefficients gathered on the device (0-d tensors); guided
+        with the 0-d tensor ``scale`` when ``null_labels`` are given."""
         c = StepCoefficients(*self._table.index_select(0, index)[0].unbind())
         t = self._timesteps.index_select(0, index)
-        model_output = self.unet(x.to(self.dtype), t, class_labels=class_labels).sample
+        model_output = guided_unet_output(
+            self.unet, x.to(self.dtype), t, class_labels, null_labels, scale, self.unet_config.in_channels
+        )
         prev_sample, _ = self.scheduler.ancestral_step(model_output, x, c, noise)  # σ = 0 at the final step
         return prev_sample
 
-    def _graph(self, batch_size, shape, class_labels):
-        """The captured step for this batch size: static x, noise, step index and labels, and the graph."""
-        if batch_size not in self._graphs:
-            static = self._buffers(shape, class_labels)
-            x, noise, index, labels = static
+    def _graph(self, batch_size, shape, class_labels, null_labels):
+        """The captured step for this batch size (guided or not): static x, noise, step index, labels, null
+        labels and guidance scale, and the graph."""
+        key = (batch_size, null_labels is not None)
+        if key not in self._graphs:
+            static = self._buffers(shape, class_labels, null_labels)
+            x, noise, index, labels, nulls, scale = static
 
             def body():
-                x.copy_(self._step_fn(x, noise, index, labels))
+                x.copy_(self._step_fn(x, noise, index, labels, nulls, scale))
 
             x.normal_()  # finite warm-up data
             noise.normal_()
@@ -133,16 +140,18 @@ class FastSampler:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 body()
-            self._graphs[batch_size] = (graph, static)
-        return self._graphs[batch_size]
+            self._graphs[key] = (graph, static)
+        return self._graphs[key]
 
-    def _buffers(self, shape, class_labels):
+    def _buffers(self, shape, class_labels, null_labels=None):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         x = torch.empty(shape, device=self.device, dtype=torch.float32, memory_format=memory_format)
         noise = torch.zeros_like(x)
         index = torch.zeros(1, device=self.device, dtype=torch.long)
         labels = None if class_labels is None else torch.zeros_like(class_labels)
-        return x, noise, index, labels
+        nulls = None if null_labels is None else null_labels.clone()
+        scale = None if null_labels is None else torch.ones((), device=self.device, dtype=torch.float32)
+        return x, noise, index, labels, nulls, scale
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -152,29 +161,34 @@ class FastSampler:
         num_inference_steps: int = 1000,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        class_labels: torch.Tensor | list[int] | None = None,
+        class_labels: torch.Tensor | list[int] | list[str] | int | str | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """As ``DDPMPlusPipeline.__call__``; ``output_type="latent"`` returns the final float32 x_0
         unclamped. Pass a generator on the sampling device to keep noise drawing on the device."""
         shape = check_sampling_inputs(
             self.unet_config, batch_size, generator, output_type, latents, class_labels, OUTPUT_TYPES
         )
-        class_labels = labels_tensor(class_labels, batch_size, self.device)
+        class_labels, null_labels = guidance_labels(
+            self.conditioning, class_labels, batch_size, guidance_scale, self.device
+        )
         self._load_schedule(num_inference_steps)  # validates num_inference_steps
         n = self.scheduler.num_inference_steps
 
         if latents is None:  # the same draws, in the same order, as DDPMPlusPipeline
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         if self.cuda_graph:
-            graph, (x, noise, index, labels) = self._graph(batch_size, shape, class_labels)
+            graph, (x, noise, index, labels, nulls, scale) = self._graph(batch_size, shape, class_labels, null_labels)
             if labels is not None:
                 labels.copy_(class_labels)
         else:
             graph = None
-            x, noise, index, labels = self._buffers(shape, class_labels)
+            x, noise, index, labels, nulls, scale = self._buffers(shape, class_labels, null_labels)
             labels = class_labels
+        if scale is not None:
+            scale.fill_(guidance_scale)
         x.copy_(latents.to(self.device, torch.float32) * self.scheduler.init_noise_sigma)
         for i in range(n):
             index.fill_(i)
@@ -185,7 +199,7 @@ class FastSampler:
             else:
                 if self.compile in _GRAPHED_COMPILE_MODES:
                     torch.compiler.cudagraph_mark_step_begin()
-                x.copy_(self._step_fn(x, noise, index, labels))
+                x.copy_(self._step_fn(x, noise, index, labels, nulls, scale))
 
         if output_type == "latent":
             image = x.clone(memory_format=torch.contiguous_format)
@@ -200,7 +214,7 @@ def fast_sample(pipe, batch_size: int = 1, num_inference_steps: int = 1000, gene
     """One-off ``FastSampler(pipe, **sampler_options)(batch_size, num_inference_steps, generator, ...)``.
 
     ``options`` may hold FastSampler's (dtype, channels_last, cuda_graph, compile) and its call's
-    (latents, class_labels, output_type, return_dict) keywords. Build a FastSampler to sample
+    (latents, class_labels, output_type, return_dict, guidance_scale) keywords. Build a FastSampler to sample
     repeatedly: the UNet copy, CUDA graph and compilation are then made once."""
     keys = ("dtype", "channels_last", "cuda_graph", "compile")
     sampler = FastSampler(pipe, **{k: options.pop(k) for k in keys if k in options})

@@ -131,18 +131,23 @@ def render_model_card(
     final_loss: float | None = None,
     eval_results: Mapping[str, float] | None = None,
     sample_grid: str | None = None,
+    id2label: Mapping[int | str, str] | None = None,
+    class_dropout_prob: float | None = None,
+    grid_guidance_scale: float | None = None,
 ) -> str:
     """The model card (README.md text) of a trained ddpm_plus pipeline.
 
     ``dataset_name`` is a Hub dataset id (goes into the ``datasets`` metadata); ``dataset_description``
     is free text for data not on the Hub (e.g. the bundled digits). ``training_config`` is the training
     arguments (keys naming tokens, secrets or passwords are left out). ``eval_results`` maps a figure's
-    name to its value. ``sample_grid`` is the grid's path relative to the repo root.
+    name to its value. ``sample_grid`` is the grid's path relative to the repo root. A class-conditional
+    model passes its classes (``id2label``), the label dropout it was trained with and the guidance scale
+    of its sample grid: the card lists them and its usage snippet samples by class name.
     """
     data = ModelCardData(
         library_name="diffusers",
         license=license,
-        tags=list(CARD_TAGS),
+        tags=list(CARD_TAGS) + (["class-conditional", "classifier-free-guidance"] if id2label else []),
         pipeline_tag="unconditional-image-generation",
         datasets=[dataset_name] if dataset_name else None,
     )
@@ -161,10 +166,53 @@ def render_model_card(
         "final_loss": f"{final_loss:.5g}" if known(final_loss) else unknown,
         "training_config": _table(config, ("argument", "value")) if config else "Not recorded.",
         "evaluation": _table(dict(eval_results), ("metric", "value")) if eval_results else "Not evaluated.",
+        **_conditioning_values(id2label, class_dropout_prob, grid_guidance_scale),
     }
     text = Template(_template(TEMPLATE)).substitute(values)
     ModelCard(text, ignore_metadata_errors=False)  # parses the YAML block: fails here, not on the Hub
     return text
+
+
+def _conditioning_values(id2label, class_dropout_prob, grid_guidance_scale) -> dict[str, str]:
+    """The card's model description, sampling call and (for a class-conditional model) its Classes section."""
+    if not id2label:
+        return {
+            "kind": "An unconditional image diffusion model",
+            "sample_call": "images = pipeline(batch_size=16, num_inference_steps=1000).images",
+            "conditioning": "",
+        }
+    names = {int(k): str(v) for k, v in id2label.items()}
+    ids = sorted(names)
+    guided = bool(class_dropout_prob)
+    example = [names[i] for i in ids[:2]]
+    call = f"images = pipeline(class_labels={json.dumps(example)}, num_inference_steps=1000"
+    call += ", guidance_scale=3.0).images" if guided else ").images"
+    shown = ids if len(ids) <= 100 else ids[:100]
+    rows = "\n".join(f"| {i} | {_fmt(names[i])} |" for i in shown)
+    more = f"\n\n… and {len(ids) - len(shown)} more (all in `model_index.json`)." if len(ids) > len(shown) else ""
+    null = len(ids)
+    if guided:
+        guidance = (
+            f"Trained with label dropout {class_dropout_prob:g}: each label was replaced by the null class "
+            f"(id {null}) with that probability, so the model also samples unconditionally and supports "
+            "classifier-free guidance (Ho & Salimans 2022): `guidance_scale` w = 1 is the conditional model, "
+            "0 the unconditional one, w > 1 trades diversity for fidelity."
+        )
+    else:
+        guidance = (
+            f"Trained without label dropout (`class_dropout_prob` = 0): the null class (id {null}) is untrained, "
+            "so classifier-free guidance is refused; sample with `guidance_scale=1`."
+        )
+    grid = (
+        ""
+        if grid_guidance_scale is None
+        else f" The sample grid above (one row per class) uses w = {grid_guidance_scale:g}."
+    )
+    section = (
+        f"\n## Classes\n\nA class-conditional model with {len(ids)} classes; pass `class_labels` as ids or names, "
+        f"one per image or one for the batch.\n\n| id | name |\n|---|---|\n{rows}{more}\n\n{guidance}{grid}\n"
+    )
+    return {"kind": "A class-conditional image diffusion model", "sample_call": call, "conditioning": section}
 
 
 def latest_sample_grid(output_dir: str | os.PathLike) -> str | None:

@@ -26,19 +26,23 @@ def _to_pil(images) -> list[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
-def image_grid(images: Sequence[Image.Image] | object, frame: int = FRAME) -> Image.Image:
+def image_grid(images: Sequence[Image.Image] | object, frame: int = FRAME, rows: int | None = None) -> Image.Image:
     """Images in a near-square grid (rows x cols = N exactly, rows the largest divisor <= sqrt N), each
     upscaled (nearest) to at least 64 pixels and framed in ``frame`` grey pixels: a grid of
     ``cols * (tile + 2 * frame)`` by ``rows * (tile + 2 * frame)`` pixels.
 
-    ``images``: a list of PIL images, or a tensor/array [N, C, H, W] with values in [0, 1].
+    ``images``: a list of PIL images, or a tensor/array [N, C, H, W] with values in [0, 1]. ``rows``: the
+    number of rows instead (it must divide N), e.g. one row per class of a conditional model.
     (diffusers' ``make_image_grid`` butts tiles together: digits on black then run into each other.)
     """
     pils = _to_pil(images)
     if not pils:
         raise ValueError("image_grid needs at least one image")
     n = len(pils)
-    rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    if rows is None:
+        rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    elif isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or n % rows:
+        raise ValueError(f"rows must be a positive divisor of the number of images ({n}); got {rows!r}")
     cols = n // rows
     width, height = pils[0].size
     scale = max(1, math.ceil(MIN_TILE / min(width, height)))

@@ -4,8 +4,8 @@ Flag names follow diffusers' ``examples/unconditional_image_generation/train_unc
 ``--ddpm_*`` spellings kept as aliases) so users can bring their command lines along. The defaults are the
 ``digits`` preset: without ``--config`` the trainer trains the bundled digits at 8x8 with a 1.6M-parameter UNet.
 
-``--config`` takes a preset name (``digits``, ``ddpm_cifar10``, ``iddpm_cifar10``: the YAML files shipped as
-``ddpm_plus.presets``, from training/configs/ in the repository) or a YAML/JSON file path. The mapping of flag
+``--config`` takes a preset name (``digits``, ``digits_cond``, ``ddpm_cifar10``, ``iddpm_cifar10``: the YAML files
+shipped as ``ddpm_plus.presets``, from training/configs/ in the repository) or a YAML/JSON file path. The mapping of flag
 names to values is turned into command-line tokens placed before the real command line: argparse then checks
 the file's values exactly like typed ones, and flags typed on the command line override the file. ``null`` in
 the file means "keep the default".
@@ -90,7 +90,8 @@ def resolve_config(value: str):
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Train an unconditional DDPM (UNet2DModel + DDPMPlusScheduler) with accelerate. "
+        description="Train an unconditional or class-conditional DDPM (UNet2DModel + DDPMPlusScheduler) "
+        "with accelerate. "
         "The defaults are the digits preset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -101,6 +102,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "command-line flags override it.",
     )
     _add_data_flags(p)
+    _add_conditioning_flags(p)
     _add_model_flags(p)
     _add_diffusion_flags(p)
     _add_optimisation_flags(p)
@@ -126,6 +128,32 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_flip", default=False, **BOOL_FLAG)
     g.add_argument("--skip_bad_images", default=False, **BOOL_FLAG, help="Skip and count unreadable images.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def _add_conditioning_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("class conditioning and classifier-free guidance (Ho & Salimans 2022)")
+    g.add_argument(
+        "--class_conditional",
+        default=False,
+        **BOOL_FLAG,
+        help="Train on the labels of --label_column: the UNet gets num_classes + 1 class embeddings, the last "
+        "(id num_classes) being the null class of classifier-free guidance.",
+    )
+    g.add_argument(
+        "--label_column",
+        default="label",
+        help="Integer or ClassLabel column (digits: 'label'; imagefolder: one sub-folder per class gives 'label').",
+    )
+    g.add_argument(
+        "--class_dropout_prob",
+        type=float,
+        default=0.1,
+        help="Share of labels replaced by the null class in training; 0 trains a purely conditional model "
+        "(no guidance at sampling).",
+    )
+    g.add_argument(
+        "--eval_guidance_scale", type=float, default=1.0, help="Guidance scale of the sample grids (1: none)."
+    )
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -436,8 +464,20 @@ def validate_args(args: argparse.Namespace) -> None:
             Path(args.resume_from_checkpoint).is_dir(),
             f"--resume_from_checkpoint must be 'latest' or a checkpoint directory, got {args.resume_from_checkpoint}",
         )
+    _validate_conditioning(args)
     _check(not args.push_checkpoints or args.push_to_hub, "--push_checkpoints needs --push_to_hub")
     _check(not args.push_to_hub or args.hub_model_id, "--push_to_hub needs --hub_model_id (e.g. your-name/ddpm-digits)")
+
+
+def _validate_conditioning(args: argparse.Namespace) -> None:
+    """--class_dropout_prob in [0, 1); a grid guidance scale other than 1 needs a model that can be guided."""
+    p = args.class_dropout_prob
+    _check(math.isfinite(p) and 0 <= p < 1, f"--class_dropout_prob must be in [0, 1), got {p}")
+    w = args.eval_guidance_scale
+    _check(math.isfinite(w), f"--eval_guidance_scale must be a finite number, got {w}")
+    if w != 1:
+        _check(args.class_conditional, f"--eval_guidance_scale {w} needs --class_conditional")
+        _check(p > 0, f"--eval_guidance_scale {w} needs --class_dropout_prob > 0 (guidance needs a trained null class)")
 
 
 def _validate_unet_shape(args: argparse.Namespace) -> None:

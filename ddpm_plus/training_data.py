@@ -3,6 +3,10 @@
 The data order of epoch e is a permutation seeded by (seed, e); random augmentation of sample i in
 epoch e is seeded by (seed, e, i). So a resumed run sees the same batches as an uninterrupted one, and
 N processes see exactly what one process with N times the batch sees.
+
+With ``--class_conditional`` each batch also holds ``class_labels`` (checked before training: see
+``ddpm_plus.data.class_labels_of``). Label dropout is not done here but in the training step, from the
+step-seeded generator (``ddpm_plus.train.drop_labels``), so it is independent of workers and resuming.
 """
 
 from __future__ import annotations
@@ -85,10 +89,18 @@ def _load_dataset(args, accelerator, samples_per_step: int):
         num_bins=DIGITS_NUM_BINS if uses_digits(args) else None,
     )
     try:
-        return prepare_dataset(raw, transform, skip_bad_images=args.skip_bad_images, min_size=samples_per_step)
+        return prepare_dataset(
+            raw,
+            transform,
+            skip_bad_images=args.skip_bad_images,
+            min_size=samples_per_step,
+            label_column=args.label_column if args.class_conditional else None,
+        )
     except BadImageError:
         raise  # names the unreadable file; the batch-size note below does not apply
     except ValueError as e:
+        if "label_column" in str(e):
+            raise ValueError(f"--class_conditional: {e}") from e  # the batch-size note does not apply
         raise ValueError(
             f"{e}; one optimizer step needs --train_batch_size {args.train_batch_size} x "
             f"{accelerator.num_processes} process(es) x --gradient_accumulation_steps "
@@ -97,7 +109,8 @@ def _load_dataset(args, accelerator, samples_per_step: int):
 
 
 def build_dataloader(args, accelerator):
-    """Returns (loader, sampler, number of images, number of grey levels of the data)."""
+    """Returns (loader, sampler, number of images, number of grey levels of the data, id2label); id2label
+    (class id -> name) is None unless ``--class_conditional``."""
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     dataset = _load_dataset(args, accelerator, samples_per_step)
     sampler = EpochSampler(len(dataset), samples_per_step, args.seed)
@@ -111,4 +124,4 @@ def build_dataloader(args, accelerator):
         # Own generator: DataLoader draws its base seed from it instead of the global RNG.
         generator=torch.Generator().manual_seed(args.seed),
     )
-    return loader, sampler, len(dataset), (DIGITS_NUM_BINS if uses_digits(args) else 256)
+    return loader, sampler, len(dataset), (DIGITS_NUM_BINS if uses_digits(args) else 256), dataset.id2label

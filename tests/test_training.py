@@ -235,7 +235,10 @@ def test_config_file_errors(tmp_path, capsys, config_text, message):
             ["--num_train_timesteps", "100", "--rescale_betas_for_num_timesteps", "--beta_end", "0.2"],
             "argument --rescale_betas_for_num_timesteps: ",
         ),
-        (["--config", "no_such_preset"], "neither a file nor a preset (presets: ddpm_cifar10, digits, iddpm_cifar10"),
+        (
+            ["--config", "no_such_preset"],
+            "neither a file nor a preset (presets: ddpm_cifar10, digits, digits_cond, iddpm_cifar10",
+        ),
     ],
 )
 def test_validation_errors(capsys, argv, message):
@@ -677,7 +680,11 @@ def test_ddpm_plus_train_subcommand(tmp_path, capsys):
         cli.main(["train", "--help"])
     assert info.value.code == 0
     help_text = capsys.readouterr().out
-    assert help_text.startswith("usage: ddpm-plus train") and "digits, iddpm_cifar10" in help_text
+    assert (
+        help_text.startswith("usage: ddpm-plus train")
+        and "digits, digits_cond," in help_text
+        and "iddpm_cifar10" in help_text
+    )
 
     out = tmp_path / "run"
     reset_accelerate()

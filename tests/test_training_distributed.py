@@ -49,10 +49,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Conditional: label dropout is drawn for the global batch and sliced per process like the noise.
+CONDITIONAL = ["--class_conditional", "--class_dropout_prob", 0.5]
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("extra", [[], CONDITIONAL], ids=["unconditional", "conditional"])
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
     dist = tmp_path / "dist"
-    argv = [str(a) for a in TINY + ONE_STEP + ["--train_batch_size", 4, "--output_dir", dist]]
+    argv = [str(a) for a in TINY + ONE_STEP + extra + ["--train_batch_size", 4, "--output_dir", dist]]
     cmd = [
         sys.executable,
         "-m",
@@ -85,9 +90,9 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     assert "2 processes" in (dist / "README.md").read_text()
 
     single = tmp_path / "single"
-    run_train(TINY + ONE_STEP + ["--train_batch_size", 8, "--output_dir", single])
+    run_train(TINY + ONE_STEP + extra + ["--train_batch_size", 8, "--output_dir", single])
     half = tmp_path / "half"  # rank 0's half of the batch alone: must NOT match
-    run_train(TINY + ONE_STEP + ["--train_batch_size", 4, "--output_dir", half])
+    run_train(TINY + ONE_STEP + extra + ["--train_batch_size", 4, "--output_dir", half])
 
     w_dist = load_file(dist / "checkpoint-1" / "model.safetensors")
     w_single = load_file(single / "checkpoint-1" / "model.safetensors")
