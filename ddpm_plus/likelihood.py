@@ -193,11 +193,20 @@ def vlb_terms(
     fixed variance types. One x_t ~ q(x_t|x_0) is drawn per image and term (``generator``, on CPU, in the
     same order whatever ``batch_size``), so the total is an unbiased one-sample estimate of the bound.
     ``scheduler`` may be any scheduler whose config DDPMPlusScheduler accepts (e.g. diffusers'
-    DDPMScheduler): the bound uses a fresh ``DDPMPlusScheduler.from_config(scheduler.config)``.
+    DDPMScheduler): the bound uses a fresh ``DDPMPlusScheduler.from_config(scheduler.config)``, with its
+    variance type, ``analytic`` included (Analytic-DPM's optimal variance, Bao et al. 2022, Theorem 1:
+    the minimum over σ² of each KL term for the exact model), and its ``eta``: for 0 < η < 1 the terms are
+    KL(q_λ(x_prev|x_t, x_0) || p(x_prev|x_t)) of DDIM's family (Song et al. 2021, eq. (16)), a bound on the
+    same likelihood since q_λ keeps the marginals q(x_t|x_0).
     """
     from .scheduling_ddpm_plus import DDPMPlusScheduler, respace
 
     scheduler = DDPMPlusScheduler.from_config(scheduler.config)
+    if scheduler.config.eta == 0:
+        raise ValueError(
+            "the bound is not defined for eta=0 (DDIM): q_λ(x_prev|x_t, x_0) has λ = 0, a point mass, so each "
+            "KL term is infinite; evaluate it with eta > 0 (eta=1: DDPM's posterior)"
+        )
     _check_images(x_start, num_bins)
     num_train = int(scheduler.config.num_train_timesteps)
     if timesteps is None:
