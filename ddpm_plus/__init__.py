@@ -17,6 +17,7 @@ import sys
 import diffusers
 import diffusers.pipelines
 
+from .analytic import estimate_analytic_moments, gaussian_analytic_moments
 from .fast_sampling import FastSampler, fast_sample
 from .likelihood import bits_per_dim, vlb_terms
 from .pipeline_ddpm_plus import DDPMPlusPipeline
@@ -31,7 +32,9 @@ __all__ = [
     "FastSampler",
     "StepCoefficients",
     "bits_per_dim",
+    "estimate_analytic_moments",
     "fast_sample",
+    "gaussian_analytic_moments",
     "respace",
     "vlb_terms",
     "__version__",

@@ -7,6 +7,9 @@
   features of a small classifier trained on that split, beside the same distance for held-out real digits
   (the reference floor, same number of images);
 - optionally the literature FID, only with an Inception weights file supplied by the user (torch-fidelity).
+A class-conditional pipeline (classes the digits 0..9) is sampled class-balanced at ``--guidance_scale`` and
+also reports the share of samples the classifier assigns to the requested digit; its bound is -log p(x|c)
+with the held-out digits' own labels.
 Results are printed as a table and written as JSON; ``--push_to_hub`` puts them into the model card.
 """
 
@@ -52,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num_samples", type=int, default=64, help="images to sample for the grid and the proxy")
     ev.add_argument("--inference_steps", type=int, default=100, help="denoising steps for sampling")
     ev.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale of a class-conditional pipeline (1: none, 0: its unconditional model)",
+    )
+    ev.add_argument(
         "--timesteps_respaced",
         type=int,
         default=None,
@@ -88,7 +97,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--no_progress", action="store_true", help="hide progress bars")
     _add_train_and_push_parsers(sub)
+    _add_analytic_parser(sub)
     return parser
+
+
+ANALYTIC_DESCRIPTION = """Estimate Analytic-DPM's moment table Γ_t = E‖ε_θ(x_t, t)‖²/d (Bao et al. 2022) of a saved
+pipeline over a set of images and write a copy of the pipeline whose scheduler uses it
+(variance_type="analytic"): the optimal reverse variance for every step count, no retraining.
+
+Datasets (as `evaluate`): `--dataset digits` (the bundled digits, `--split`, default the train split) or
+`--dataset PATH`, a local image folder (any layout `datasets`' imagefolder reads; center-cropped and resized
+to the UNet's size, channels converted). Hub datasets are not supported here."""
+
+
+def _add_analytic_parser(sub) -> None:
+    an = sub.add_parser(
+        "analytic",
+        help="compute Analytic-DPM's moment table and write a pipeline that samples with the optimal variance",
+        description=ANALYTIC_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    an.add_argument("pipeline", metavar="PIPELINE_DIR_OR_REPO_ID")
+    an.add_argument("--output_dir", required=True, help="where the pipeline with the analytic scheduler is saved")
+    an.add_argument("--dataset", default="digits", help="'digits' (bundled) or a local image folder")
+    an.add_argument("--split", default="train", choices=("test", "train", "all"), help="digits split (default train)")
+    an.add_argument("--num_images", type=int, default=None, help="use the first M images (default: all)")
+    an.add_argument(
+        "--num_bins", type=int, default=None, help="snap folder images to this many levels (default: 8 bit)"
+    )
+    an.add_argument(
+        "--num_timesteps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="evaluate Γ at K evenly spaced timesteps and interpolate (default: every timestep)",
+    )
+    an.add_argument(
+        "--all_timesteps_below",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --num_timesteps, also evaluate every t < N (Γ of quantised data changes fastest there)",
+    )
+    an.add_argument("--eta", type=float, default=None, help="set the written scheduler's eta (default: keep it)")
+    an.add_argument("--batch_size", type=int, default=256)
+    an.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
 TRAIN_EXTRA_MODULES = ("accelerate", "datasets", "sklearn", "tensorboard", "yaml")
@@ -135,6 +190,8 @@ def _dispatch(argv: list[str]) -> int:
         return push_command(args)
     if args.command == "evaluate":
         _evaluate_without_leaking_the_token(args)
+    if args.command == "analytic":
+        analytic(args)
     return 0
 
 
@@ -213,15 +270,89 @@ def _inception_fid(samples01: torch.Tensor, reals01: torch.Tensor, weights: str)
     return float(metrics["frechet_inception_distance"])
 
 
+class _WithClassLabel(torch.nn.Module):
+    """``unet(x, t)`` of a class-conditional UNet with every image labelled ``class_id`` (for the bound)."""
+
+    def __init__(self, unet, class_id: int):
+        super().__init__()
+        self.unet, self.class_id = unet, class_id
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def forward(self, x, t):
+        return self.unet(x, t, class_labels=torch.full((x.shape[0],), self.class_id, device=x.device))
+
+
+def _digit_classes(conditioning) -> dict[int, int] | None:
+    """Class id -> digit for a conditional pipeline over the digits 0..9 (names '0'..'9', or 10 unnamed
+    classes); None for an unconditional one. Any other classes: an error (the evaluation is on digits)."""
+    if not conditioning.conditional:
+        return None
+    n = conditioning.num_classes
+    names = conditioning.id2label or ({str(i): str(i) for i in range(n)} if n == 10 else {})
+    digits = {int(k): v for k, v in names.items()}
+    if n != 10 or sorted(digits.values()) != [str(d) for d in range(10)]:
+        raise SystemExit(
+            "error: evaluate runs on the digits, so a class-conditional pipeline must have the 10 classes "
+            f"'0'..'9' (id2label); this one has {n} classes: {sorted(digits.values())[:12]}"
+        )
+    return {i: int(name) for i, name in digits.items()}
+
+
+def _conditional_bound(unet, scheduler, images, digits, id_of_digit, **kwargs) -> dict:
+    """vlb_terms of -log p(x | c) with each image's own class: one call per class, results in image order."""
+    from .likelihood import vlb_terms
+
+    out = None
+    for digit in sorted(set(digits.tolist())):
+        idx = torch.from_numpy(np.flatnonzero(digits == digit))
+        terms = vlb_terms(_WithClassLabel(unet, id_of_digit[digit]), scheduler, images[idx], **kwargs)
+        if out is None:
+            out = {k: terms[k] for k in ("timesteps", "decoder_index")}
+            out["terms_bpd"] = torch.zeros(len(images), terms["terms_bpd"].shape[1], dtype=torch.float64)
+            out["prior_bpd"] = torch.zeros(len(images), dtype=torch.float64)
+            out["total_bpd"] = torch.zeros(len(images), dtype=torch.float64)
+        for key in ("terms_bpd", "prior_bpd", "total_bpd"):
+            out[key][idx] = terms[key]
+    return out
+
+
+def _sampling_labels(pipe, args, device):
+    """(pipeline keywords for labels and guidance, requested digit per sample or None), checked before
+    anything runs: a conditional pipeline samples the classes in turn (class-balanced)."""
+    from .pipeline_ddpm_plus import conditioning_of, guidance_labels
+
+    conditioning = conditioning_of(pipe)
+    digit_of = _digit_classes(conditioning)
+    if digit_of is None:
+        if args.guidance_scale != 1:
+            raise SystemExit(f"error: --guidance_scale {args.guidance_scale} needs a class-conditional pipeline")
+        return {}, None
+    ids = sorted(digit_of)
+    labels = [ids[i % len(ids)] for i in range(args.num_samples)]
+    try:
+        guidance_labels(conditioning, labels, args.num_samples, args.guidance_scale, device)
+    except ValueError as err:
+        raise SystemExit(f"error: --guidance_scale: {err}") from None
+    return {"class_labels": labels, "guidance_scale": args.guidance_scale}, [digit_of[i] for i in labels]
+
+
 def evaluate(args) -> dict:
     """Run the evaluation described by parsed ``args``; returns the results dict (also written as JSON)."""
     from diffusers import DiffusionPipeline
 
     import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
 
-    from .data import digits_heldout_tensor
-    from .evaluation import classifier_features, frechet_distance, load_or_train_digits_classifier
+    from .data import digits_heldout_tensor, load_digits_arrays
+    from .evaluation import class_accuracy, classifier_features, frechet_distance, load_or_train_digits_classifier
     from .likelihood import vlb_terms
+    from .pipeline_ddpm_plus import conditioning_of
 
     _check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -230,6 +361,7 @@ def evaluate(args) -> dict:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     unet, scheduler = pipe.unet.eval(), pipe.scheduler
+    sampling_kwargs, requested_digits = _sampling_labels(pipe, args, device)
     size = unet.config.sample_size
     native = size if isinstance(size, int) else int(size[0])
     if not isinstance(size, int) and len(set(size)) != 1:
@@ -243,22 +375,21 @@ def evaluate(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     images = digits_heldout_tensor(resolution, channels, split=args.split)
+    heldout_digits = load_digits_arrays(args.split)[1]  # the same images, in the same order
     if args.max_images is not None:
-        images = images[: args.max_images]
+        images, heldout_digits = images[: args.max_images], heldout_digits[: args.max_images]
     num_train = int(scheduler.config.num_train_timesteps)
     seq = None if args.timesteps_respaced is None else _respaced_timesteps(num_train, args.timesteps_respaced)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed)
-    terms = vlb_terms(
-        unet,
-        scheduler,
-        images,
-        timesteps=seq,
-        num_bins=args.num_bins,
-        generator=gen,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
+    bound_kwargs = dict(
+        timesteps=seq, num_bins=args.num_bins, generator=gen, batch_size=args.batch_size, progress=not args.no_progress
     )
+    if requested_digits is None:
+        terms = vlb_terms(unet, scheduler, images, **bound_kwargs)
+    else:
+        id_of_digit = {d: i for i, d in _digit_classes(conditioning_of(pipe)).items()}
+        terms = _conditional_bound(unet, scheduler, images, heldout_digits, id_of_digit, **bound_kwargs)
     bound_seconds = time.perf_counter() - t0
     bpd = terms["total_bpd"]
     n = len(bpd)
@@ -302,6 +433,7 @@ def evaluate(args) -> dict:
             generator=sample_gen,
             num_inference_steps=args.inference_steps,
             output_type="np",
+            **sampling_kwargs,
         ).images
     samples01 = torch.from_numpy(np.asarray(samples, dtype=np.float32)).permute(0, 3, 1, 2)
     grid_path = out_dir / "samples_grid.png"
@@ -326,6 +458,16 @@ def evaluate(args) -> dict:
             "frechet_proxy_floor_num_images": int(len(reals)),
         }
     )
+    if requested_digits is not None:
+        results.update(
+            {
+                "class_conditional": True,
+                "bound_conditioning": "-log p(x|c), c = each held-out image's own digit",
+                "guidance_scale": args.guidance_scale,
+                "sampling": "class-balanced (the classes in turn)",
+                "sample_class_accuracy": class_accuracy(classifier, samples01 * 2 - 1, requested_digits),
+            }
+        )
     if args.inception_weights is not None:
         results["fid_inception"] = _inception_fid(samples01, (reals + 1) / 2, args.inception_weights)
 
@@ -336,6 +478,105 @@ def evaluate(args) -> dict:
     print(format_table(results))
     if args.push_to_hub:
         _push(args, results, local)
+    return results
+
+
+def _analytic_images(args, unet_config):
+    """(images [N, C, H, W] in [-1, 1], labels [N] or None, description) of ``--dataset``."""
+    size = unet_config.sample_size
+    resolution, channels = (size if isinstance(size, int) else int(size[0])), int(unet_config.in_channels)
+    if args.dataset == "digits":
+        from .data import digits_heldout_tensor, load_digits_arrays
+
+        images = digits_heldout_tensor(resolution, channels, split=args.split)
+        labels = load_digits_arrays(args.split)[1]
+        where = f"bundled scikit-learn digits, split={args.split!r}"
+    elif Path(args.dataset).is_dir():
+        from .data import ImageTransform, load_image_dataset, prepare_dataset
+
+        transform = ImageTransform(resolution, channels, center_crop=True, num_bins=args.num_bins)
+        data = prepare_dataset(load_image_dataset(train_data_dir=args.dataset), transform)
+        count = len(data) if args.num_images is None else min(args.num_images, len(data))
+        images, labels = torch.stack([data[i]["pixel_values"] for i in range(count)]), None
+        where = f"image folder {args.dataset}"
+    else:
+        raise SystemExit(f"error: --dataset must be 'digits' or a local image folder; got {args.dataset!r}")
+    if args.num_images is not None:
+        images = images[: args.num_images]
+        labels = None if labels is None else labels[: args.num_images]
+    return images, (None if labels is None else torch.as_tensor(labels)), where
+
+
+def analytic(args) -> dict:
+    """``ddpm-plus analytic``: the moment table of a pipeline, and a copy of it that samples with it."""
+    from diffusers import DiffusionPipeline
+
+    import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
+
+    from .analytic import _is_class_conditional, estimate_analytic_moments
+    from .scheduling_ddpm_plus import DDPMPlusScheduler
+
+    for name in ("num_images", "num_timesteps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name} must be >= 1, got {value}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipe.to(device)
+    unet = pipe.unet.eval()
+    images, labels, where = _analytic_images(args, unet.config)
+    if not _is_class_conditional(unet):
+        labels = None
+    elif labels is None:
+        raise SystemExit("error: a class-conditional UNet needs labelled images: use --dataset digits")
+    T = int(pipe.scheduler.config.num_train_timesteps)
+    timesteps = None
+    if args.num_timesteps is not None and args.all_timesteps_below > 0:
+        from .scheduling_ddpm_plus import respace
+
+        spaced = respace(T, args.num_timesteps, timestep_spacing="linspace").timesteps
+        timesteps, args.num_timesteps = np.union1d(spaced, np.arange(min(args.all_timesteps_below, T))), None
+    t0 = time.perf_counter()
+    gamma, stderr = estimate_analytic_moments(
+        unet,
+        pipe.scheduler,
+        images,
+        num_timesteps=args.num_timesteps,
+        timesteps=timesteps,
+        batch_size=args.batch_size,
+        generator=torch.Generator().manual_seed(args.seed),
+        progress=not args.no_progress,
+        class_labels=labels,
+        return_stderr=True,
+    )
+    overrides = {"variance_type": "analytic", "analytic_moments": gamma.tolist()}
+    if args.eta is not None:
+        overrides["eta"] = args.eta
+    try:
+        pipe.scheduler = DDPMPlusScheduler.from_config(pipe.scheduler.config, **overrides)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    out = Path(args.output_dir)
+    pipe.save_pretrained(out)
+    evaluated = np.flatnonzero(np.isfinite(stderr.numpy()))
+    results = {
+        "pipeline": str(args.pipeline),
+        "dataset": where,
+        "num_images": int(images.shape[0]),
+        "timesteps_evaluated": int(len(evaluated)),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "eta": pipe.scheduler.config.eta,
+        "gamma_min_max": [float(gamma.min()), float(gamma.max())],
+        "max_stderr": float(np.nanmax(stderr.numpy())),
+        "analytic_moments": gamma.tolist(),
+        "stderr": [None if not math.isfinite(v) else v for v in stderr.tolist()],
+    }
+    (out / "analytic_moments.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"Γ over {results['num_images']} images ({where}) at {results['timesteps_evaluated']} timesteps "
+        f"(largest standard error {results['max_stderr']:.4f}) in {results['seconds']} s; "
+        f"pipeline with variance_type='analytic' written to {out}"
+    )
     return results
 
 
@@ -353,6 +594,11 @@ def card_metrics(results: dict) -> dict:
     rows = {f"bits/dim ({where})": f"{results['bits_per_dim']:.4f} ± {results['bits_per_dim_stderr']:.4f}"}
     if "bits_per_source_pixel" in results:
         rows["bits per source 8x8 pixel"] = f"{results['bits_per_source_pixel']:.4f}"
+    if "sample_class_accuracy" in results:
+        rows[f"samples classified as the requested digit (w = {results['guidance_scale']:g})"] = round(
+            results["sample_class_accuracy"], 4
+        )
+        rows["classifier accuracy on held-out real digits"] = round(results["classifier_heldout_accuracy"], 4)
     rows[f"{PROXY_NAME}, {results['num_samples']} samples"] = round(results["frechet_proxy_samples_vs_train"], 3)
     rows["same, held-out real digits (floor)"] = round(results["frechet_proxy_floor_heldout_vs_train"], 3)
     if "fid_inception" in results:
@@ -385,6 +631,13 @@ def format_table(results: dict) -> str:
         ),
         ("classifier held-out accuracy", f"{results['classifier_heldout_accuracy']:.4f}"),
     ]
+    if "sample_class_accuracy" in results:
+        rows.append(
+            (
+                f"samples classified as requested (w = {results['guidance_scale']:g})",
+                f"{results['sample_class_accuracy']:.4f}",
+            )
+        )
     if "fid_inception" in results:
         rows.append(("FID (Inception, user-supplied weights)", f"{results['fid_inception']:.3f}"))
     rows += [("sample grid", results["sample_grid"]), ("json", results.get("json", ""))]

@@ -7,7 +7,8 @@ stored as 8-bit images with level v in 0..16 at p = round(v * 255 / 16); passing
 x = v / 16 * 2 - 1 that bits/dim with ``num_bins=17`` expects.
 
 Every image is decoded once in :func:`prepare_dataset`, before training starts, so an unreadable
-file is reported (by path, else by dataset index) or skipped and counted up front.
+file is reported (by path, else by dataset index) or skipped and counted up front. With a
+``label_column`` (class-conditional training) the labels are checked there too: :func:`class_labels_of`.
 """
 
 import functools
@@ -114,6 +115,11 @@ def load_image_dataset(
         except datasets.data_files.EmptyDatasetError as err:
             raise ValueError(f"no image files found in train_data_dir={train_data_dir!r}: {err}") from err
         except Exception as err:  # e.g. a malformed metadata.csv, or no data in `split`
+            if not _has_image_files(train_data_dir):  # only non-image files: datasets says "corresponds to no data"
+                raise ValueError(
+                    f"no image files found in train_data_dir={train_data_dir!r}: none of its files has an image "
+                    "extension (.png, .jpg, .jpeg, .bmp, .gif, .webp, ...)"
+                ) from err
             raise ValueError(
                 f"could not load the imagefolder train_data_dir={train_data_dir!r} (split={split!r}): "
                 f"{type(err).__name__}: {err}"
@@ -128,6 +134,61 @@ def load_image_dataset(
             dataset = dataset.remove_columns("image")
         dataset = dataset.rename_column(image_column, "image")
     return dataset
+
+
+_INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def class_labels_of(dataset, label_column="label"):
+    """The class labels of ``dataset``'s ``label_column`` as (labels [N] int64 array, id2label dict).
+
+    A ``datasets.ClassLabel`` column (Hub datasets; an imagefolder with one sub-folder per class) gives
+    its own names and range; a plain integer column gives classes 0..max with their numbers as names.
+    A missing column, any other type, or a label outside the classes (e.g. ClassLabel's -1 for
+    "no label") is a ValueError naming the column and the first offending row."""
+    if label_column not in dataset.column_names:
+        hint = (
+            " (an imagefolder gets a 'label' column only when its images sit in one sub-folder per class)"
+            if label_column == "label"
+            else ""
+        )
+        raise ValueError(
+            f"label_column={label_column!r} is not a column of the dataset{hint}; available columns: "
+            f"{dataset.column_names}"
+        )
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif isinstance(feature, datasets.Value) and feature.dtype in _INTEGER_DTYPES:
+        names = None
+    else:
+        raise ValueError(
+            f"label_column={label_column!r} must hold integer class ids or be a datasets.ClassLabel; got {feature}"
+        )
+    values = dataset[label_column]  # respects a selection/shuffle of the dataset, unlike its raw table
+    if any(v is None for v in values):
+        raise ValueError(f"label_column={label_column!r} has missing labels (first at row {values.index(None)})")
+    labels = np.asarray(values, dtype=np.int64)
+    if len(labels) == 0:
+        raise ValueError(f"label_column={label_column!r} is empty")
+    num_classes = len(names) if names is not None else int(labels.max()) + 1
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise ValueError(
+            f"label_column={label_column!r}: label {int(labels[bad[0]])} at row {int(bad[0])} is outside the "
+            f"{num_classes} classes 0..{num_classes - 1} ({len(bad)} such row(s))"
+        )
+    if names is None:
+        names = [str(i) for i in range(num_classes)]
+    return labels, dict(enumerate(names))
+
+
+def _has_image_files(folder) -> bool:
+    """Whether ``folder`` (recursively) holds a file that datasets' imagefolder would read."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    return any(os.path.splitext(name)[1].lower() in extensions for _, _, names in os.walk(folder) for name in names)
 
 
 class BadImageError(ValueError):
@@ -252,13 +313,21 @@ class ImageTransform:
 class ImageDataset(torch.utils.data.Dataset):
     """Items ``{"pixel_values": transform(image)}`` over the readable images of a ``datasets``
     dataset with an ``image`` column. Built by :func:`prepare_dataset`; ``num_skipped`` and
-    ``skipped`` (the names of the unreadable images) report what ``skip_bad_images`` left out."""
+    ``skipped`` (the names of the unreadable images) report what ``skip_bad_images`` left out.
+    With labels, items also hold ``"class_labels"`` (an int64 scalar tensor); ``id2label`` names
+    the classes (None without labels) and ``num_classes`` counts them."""
 
-    def __init__(self, raw, indices, transform, skipped):
+    def __init__(self, raw, indices, transform, skipped, labels=None, id2label=None):
         self._raw = raw
         self._indices = indices
         self.transform = transform
         self.skipped = skipped
+        self._labels = labels
+        self.id2label = id2label
+
+    @property
+    def num_classes(self):
+        return None if self.id2label is None else len(self.id2label)
 
     @property
     def num_skipped(self):
@@ -270,21 +339,26 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         index = self._indices[i]
         value = self._raw[index]["image"]
-        return {"pixel_values": self.transform(decode_image(value, _source(value, index)))}
+        item = {"pixel_values": self.transform(decode_image(value, _source(value, index)))}
+        if self._labels is not None:
+            item["class_labels"] = torch.tensor(int(self._labels[index]), dtype=torch.long)
+        return item
 
 
-def prepare_dataset(dataset, transform, *, skip_bad_images=False, min_size=None):
+def prepare_dataset(dataset, transform, *, skip_bad_images=False, min_size=None, label_column=None):
     """Decode every image of ``dataset`` once, up front, and return an :class:`ImageDataset`.
 
     An unreadable image raises :class:`BadImageError` naming its file, or with
     ``skip_bad_images=True`` is skipped, counted and logged. Fewer than ``min_size`` (e.g. the
-    global batch size) or no readable images is a ValueError."""
+    global batch size) or no readable images is a ValueError. With ``label_column`` its labels are
+    checked first (:func:`class_labels_of`) and every item carries its ``"class_labels"``."""
     if "image" not in dataset.column_names:
         raise ValueError(f"dataset has no 'image' column; available columns: {dataset.column_names}")
     if not callable(transform):
         raise ValueError(f"transform must be callable, got transform={transform!r}")
     if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1):
         raise ValueError(f"min_size must be None or an integer >= 1, got min_size={min_size!r}")
+    labels, id2label = (None, None) if label_column is None else class_labels_of(dataset, label_column)
     raw = dataset.select_columns(["image"])
     if isinstance(raw.features["image"], datasets.Image):
         # Undecoded {"path", "bytes"} records: decode_image reads them and names the file on failure.
@@ -308,7 +382,7 @@ def prepare_dataset(dataset, transform, *, skip_bad_images=False, min_size=None)
         raise ValueError(f"{usable}: nothing to train on")
     if min_size is not None and len(indices) < min_size:
         raise ValueError(f"{usable}, fewer than min_size={min_size} (one global batch)")
-    return ImageDataset(raw, indices, transform, skipped)
+    return ImageDataset(raw, indices, transform, skipped, labels, id2label)
 
 
 def digits_heldout_tensor(resolution=8, channels=1, split="test"):

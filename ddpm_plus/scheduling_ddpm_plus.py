@@ -35,6 +35,17 @@ __all__ = [
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# Sampling-only: Analytic-DPM's optimal variance (Bao et al. 2022, Theorem 1) from the ``analytic_moments``
+# table; a model is trained with one of VARIANCE_TYPES (the types diffusers' DDPMScheduler knows).
+ANALYTIC_VARIANCE_TYPE = "analytic"
+ALL_VARIANCE_TYPES = VARIANCE_TYPES + (ANALYTIC_VARIANCE_TYPE,)
+MISSING_MOMENTS_HINT = (
+    "variance_type='analytic' needs the table `analytic_moments` (Γ_t = E‖ε_θ(x_t, t)‖²/d for t = 0 … T−1) "
+    "in the scheduler config. Make it with `ddpm-plus analytic PIPELINE --dataset digits --num_images M "
+    "--output_dir OUT` (writes a pipeline that uses it), or in Python: "
+    "`moments = ddpm_plus.estimate_analytic_moments(unet, scheduler, images)` and then "
+    "`DDPMPlusScheduler.from_config(scheduler.config, variance_type='analytic', analytic_moments=moments.tolist())`."
+)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
@@ -68,6 +79,11 @@ class StepCoefficients(NamedTuple):
     (timesteps) and float64 tensors. ``posterior_log_variance_clipped`` is log β̃' except where β̃' = 0 (a
     step ending at x_0), where it is log β̃ of the pair (next_timestep -> timestep) (Nichol & Dhariwal 2021),
     or log β' if there is no next timestep.
+
+    With ``eta`` ≠ 1 the "posterior" columns are those of the reverse family q_λ(x_prev | x_t, x_0) of
+    DDIM (Song et al. 2021, eqs. (7), (12), (16)) with λ² = η²·β̃' (η = 1: the DDPM posterior, η = 0: DDIM):
+    mean coef1·x_0 + coef2·x_t with coef2 = √(1 − ᾱ_prev − λ²)/√(1 − ᾱ_t), coef1 = √ᾱ_prev − coef2·√ᾱ_t,
+    variance λ²; fixed_large's variance is η²·β'. The step to x_0 is the same for every η.
     """
 
     timestep: Any
@@ -84,6 +100,9 @@ class StepCoefficients(NamedTuple):
     large_log_variance_clipped: Any  # fixed_large: log β', clipped like the posterior at a step to x_0
     posterior_std_clipped: Any  # σ of fixed_small: exp(posterior_log_variance_clipped / 2)
     large_std_clipped: Any  # σ of fixed_large: exp(large_log_variance_clipped / 2)
+    log_eta_sq: Any  # log η² where the step does not end at x_0, else 0: scales learned variances
+    analytic_log_variance: Any  # log σ*² (Bao et al. 2022, Theorem 1); NaN without `analytic_moments`
+    analytic_std: Any  # σ*
 
 
 _INT_FIELDS = ("timestep", "prev_timestep")
@@ -110,6 +129,45 @@ def _check_spacing(timestep_spacing: str, steps_offset: int) -> None:
     _one_of("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
     if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
         raise ValueError(f"`steps_offset` must be an integer >= 0; got {steps_offset!r}.")
+
+
+MAX_NUM_TRAIN_TIMESTEPS = 100_000  # the float64 tables take a few hundred bytes per timestep
+MIN_ALPHA_BAR = 1e-30  # smallest ᾱ_t (before a zero-SNR rescale): 1/√ᾱ and x̂_0 stay finite in float32
+
+
+def _is_real(value) -> bool:
+    """A finite int/float (numpy scalars included), not a bool."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(float(value))
+    )
+
+
+def _real(name: str, value, lo: float, hi: float, lo_open: bool = True, hi_open: bool = True) -> float:
+    """``value`` as a float in the interval (lo, hi) (closed ends where asked), else a ValueError naming it."""
+    ok = _is_real(value)
+    v = float(value) if ok else math.nan
+    if not (ok and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"`{name}` must be a finite number in {interval}; got {value!r}.")
+    return v
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False; got {value!r}.")
+
+
+def _integral(name: str, values: np.ndarray) -> np.ndarray:
+    """int64 values of a numeric array whose entries are whole numbers, else a ValueError naming it."""
+    if values.dtype == np.bool_ or not (
+        np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+    ):
+        raise ValueError(f"`{name}` must hold integer timesteps; got dtype {values.dtype}.")
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values) & (values == np.round(values))):
+        raise ValueError(f"`{name}` must hold integer timesteps; got {values.tolist()!r}.")
+    return values.astype(np.int64)
 
 
 def _spaced(T: int, n: int, spacing: str, steps_offset: int) -> np.ndarray:
@@ -194,9 +252,11 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
-def _coefficient_table(alphas_cumprod: np.ndarray, t, prev, nxt) -> StepCoefficients:
-    """The one formula set: float64 coefficients of the steps t -> prev (prev = -1: to x_0). ``nxt`` (the
-    timestep above t, -1: none) only sets the clipped log-variance of a step ending at x_0."""
+def _coefficient_table(alphas_cumprod: np.ndarray, t, prev, nxt, eta=1.0, moments=None, x0_var_max=1.0):
+    """The one formula set: float64 :class:`StepCoefficients` of the steps t -> prev (prev = -1: to x_0).
+    ``nxt`` (the timestep above t, -1: none) only sets the clipped log-variance of a step ending at x_0;
+    ``eta`` picks the reverse family q_λ, ``moments`` (Γ, length T, or None) the analytic variance, whose
+    Var(x_0|x_t) is clipped to [0, ``x0_var_max``]."""
     t, prev, nxt = (np.asarray(a, dtype=np.int64) for a in (t, prev, nxt))
     ab_t = alphas_cumprod[t]
     ab_p = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], 1.0)
@@ -207,16 +267,26 @@ def _coefficient_table(alphas_cumprod: np.ndarray, t, prev, nxt) -> StepCoeffici
         var_next = (1.0 - ab_n / ab_t) * (1.0 - ab_t) / (1.0 - ab_n)  # β̃ of (nxt -> t): clip, eq. (53)
         log_beta = np.log(beta)
         clip = np.where(nxt >= 0, np.log(np.where(nxt >= 0, var_next, 1.0)), log_beta)
+        if eta == 1.0:  # the DDPM posterior, eq. (30) (kept as is: bit-identical to the η-free code)
+            coef1 = np.sqrt(ab_p) * beta / (1.0 - ab_t)
+            coef2 = np.sqrt(ab_t / ab_p) * (1.0 - ab_p) / (1.0 - ab_t)
+            log_eta_sq = np.zeros_like(beta)
+        else:  # q_λ, λ² = η²·β̃' (Song et al. 2021, eqs. (7), (16)); prev = -1 gives λ = 0, coef1 = 1, coef2 = 0
+            var = eta**2 * var
+            coef2 = np.sqrt(np.maximum(1.0 - ab_p - var, 0.0)) / np.sqrt(1.0 - ab_t)
+            coef1 = np.sqrt(ab_p) - coef2 * np.sqrt(ab_t)
+            log_eta_sq = np.where(prev >= 0, 2.0 * np.log(eta), 0.0)
         log_small = np.where(prev >= 0, np.log(np.where(prev >= 0, var, 1.0)), clip)
-        log_large = np.where(prev >= 0, log_beta, clip)
+        log_large = np.where(prev >= 0, log_beta + log_eta_sq, clip)
+        log_analytic = _analytic_log_variance(ab_t, t, prev, coef1, var, moments, x0_var_max)
         return StepCoefficients(
             timestep=t,
             prev_timestep=prev,
             sqrt_alpha_prod=np.sqrt(ab_t),
             sqrt_one_minus_alpha_prod=np.sqrt(1.0 - ab_t),
             sqrt_recip_alpha_prod=1.0 / np.sqrt(ab_t),
-            posterior_mean_coef1=np.sqrt(ab_p) * beta / (1.0 - ab_t),  # eq. (30)
-            posterior_mean_coef2=np.sqrt(ab_t / ab_p) * (1.0 - ab_p) / (1.0 - ab_t),
+            posterior_mean_coef1=coef1,
+            posterior_mean_coef2=coef2,
             posterior_variance=var,
             posterior_log_variance_clipped=log_small,
             beta=beta,
@@ -224,7 +294,30 @@ def _coefficient_table(alphas_cumprod: np.ndarray, t, prev, nxt) -> StepCoeffici
             large_log_variance_clipped=log_large,
             posterior_std_clipped=np.exp(0.5 * log_small),
             large_std_clipped=np.exp(0.5 * log_large),
+            log_eta_sq=log_eta_sq,
+            analytic_log_variance=log_analytic,
+            analytic_std=np.exp(0.5 * log_analytic),
         )
+
+
+ANALYTIC_DECODER_MIN_VARIANCE = 1e-12  # σ ≥ 1e-6 at the step to x_0: far below any bin of ≤ 16-bit data
+
+
+def _analytic_log_variance(ab_t, t, prev, coef1, lam2, moments, x0_var_max) -> np.ndarray:
+    """log σ*² = log(λ² + coef1²·Var(x_0|x_t)) with Var(x_0|x_t) = (1 − ᾱ_t)/ᾱ_t·(1 − Γ_t) clipped to
+    [0, x0_var_max] (Bao et al. 2022, Theorem 1 and its clipping, Theorem 2). The issue's form
+    λ² + (√(β̄_t/α') − √(β̄_prev − λ²))²·(1 − Γ_t), α' = ᾱ_t/ᾱ_prev, is the same number: coef1²·β̄_t/ᾱ_t =
+    (√(β̄_t/α') − √(β̄_prev − λ²))². At ᾱ_t = 0 (zero SNR) Var(x_0|x_t) = Var(x_0) is taken as the maximum.
+    At a step to x_0 (λ = 0: σ*² = Var(x_0|x_t)) σ*² is floored at ANALYTIC_DECODER_MIN_VARIANCE: an
+    estimate Γ_t ≥ 1 (Monte Carlo error where x_t nearly determines x_0) would make the decoder a point
+    mass; its discretised likelihood is then ≈ 1 whenever x̂_0 falls in x_0's bin."""
+    if moments is None:
+        return np.full(np.shape(t), np.nan)
+    gamma = np.asarray(moments, dtype=np.float64)[t]
+    x0_var = np.clip((1.0 - ab_t) / ab_t * (1.0 - gamma), 0.0, x0_var_max)
+    x0_var = np.where(ab_t > 0, x0_var, x0_var_max)
+    var = lam2 + coef1**2 * x0_var
+    return np.log(np.where(prev >= 0, var, np.maximum(var, ANALYTIC_DECODER_MIN_VARIANCE)))
 
 
 def _rows(table: StepCoefficients, index) -> StepCoefficients:
@@ -245,11 +338,18 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     """Exact DDPM scheduler (Ho et al. 2020) with improved-DDPM variances and exact respacing.
 
     Config keys and defaults are those of diffusers' ``DDPMScheduler``, so configs swap both ways with
-    every Karras-compatible diffusers scheduler. One key is new:
+    every Karras-compatible diffusers scheduler. These keys are new:
 
     rescale_betas_for_num_timesteps: scale the linear β range by 1000/T (improved-DDPM convention) so
         that a chain with T != 1000 steps still ends near N(0, I). Off by default (diffusers' numbers).
         The saved config holds the scaled beta_start/beta_end (and the flag reset to False).
+    eta: the reverse family q_λ between consecutive timesteps, λ² = η²·β̃' (Song et al. 2021, eq. (16)):
+        1 (default) the DDPM posterior, 0 DDIM (deterministic steps), in between an interpolation. η scales
+        the standard deviation of every variance type except ``analytic``, which is optimal for each η.
+    analytic_moments: Γ_t = E‖ε_θ(x_t, t)‖²/d for t = 0 … T−1 (:func:`ddpm_plus.estimate_analytic_moments`),
+        needed by ``variance_type="analytic"``: Analytic-DPM's optimal reverse variance (Bao et al. 2022,
+        Theorem 1), with Var(x_0|x_t) clipped to [0, clip_sample_range²] (data in
+        [−clip_sample_range, clip_sample_range]). Stored in the config, so saved and pushed with it.
 
     Differences from ``DDPMScheduler`` are listed in the README ("Differences from diffusers'
     DDPMScheduler"). Coefficients: :meth:`coefficients` (full chain, or any pair) and
@@ -278,8 +378,14 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         rescale_betas_for_num_timesteps: bool = False,
+        eta: float = 1.0,
+        analytic_moments: np.ndarray | list[float] | None = None,
     ):
         self._validate_config()
+        if type(eta) is not float:  # a JSON-ready python float (validated above)
+            self.register_to_config(eta=float(eta))
+        if analytic_moments is not None:  # JSON-ready floats, whatever was passed (tensor, array, list)
+            self.register_to_config(analytic_moments=[float(g) for g in np.asarray(analytic_moments).reshape(-1)])
         betas = self._make_betas()
         if rescale_betas_for_num_timesteps:
             # Record the resulting β range instead of the flag, so that every scheduler built from this
@@ -313,7 +419,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         self.one = torch.tensor(1.0, dtype=torch.float64)
         self.init_noise_sigma = 1.0
         t = np.arange(T)
-        self._full = _coefficient_table(alphas_cumprod, t, t - 1, np.where(t + 1 < T, t + 1, -1))
+        self._full = self._table(t, t - 1, np.where(t + 1 < T, t + 1, -1))
         self._full_rows: dict = {}  # timestep -> python-float row of self._full (a cache, same numbers)
         self._forward_cache: dict = {}  # (device, dtype) -> (√ᾱ, √(1−ᾱ)) for add_noise
         # Posterior q(x_{t-1} | x_t, x_0) of the training chain (eq. (30)).
@@ -329,14 +435,20 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     def _validate_config(self) -> None:
         c = self.config
         T = c.num_train_timesteps
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"`num_train_timesteps` must be an integer >= 1; got {T!r}.")
-        _one_of("variance_type", c.variance_type, VARIANCE_TYPES)
+        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_NUM_TRAIN_TIMESTEPS:
+            raise ValueError(
+                f"`num_train_timesteps` must be an integer in [1, {MAX_NUM_TRAIN_TIMESTEPS}] (its float64 tables "
+                f"take a few hundred bytes per timestep); got {T!r}."
+            )
+        for flag in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "rescale_betas_for_num_timesteps"):
+            _flag(flag, c[flag])
+        _one_of("variance_type", c.variance_type, ALL_VARIANCE_TYPES)
         _one_of("prediction_type", c.prediction_type, PREDICTION_TYPES)
         _check_spacing(c.timestep_spacing, c.steps_offset)
         if c.trained_betas is None:
             _one_of("beta_schedule", c.beta_schedule, BETA_SCHEDULES)
-            if c.beta_schedule != "squaredcos_cap_v2" and not 0.0 < c.beta_start < c.beta_end < 1.0:
+            numbers = all(_is_real(v) for v in (c.beta_start, c.beta_end))
+            if c.beta_schedule != "squaredcos_cap_v2" and not (numbers and 0.0 < c.beta_start < c.beta_end < 1.0):
                 raise ValueError(
                     "`beta_start` and `beta_end` must satisfy 0 < beta_start < beta_end < 1; "
                     f"got beta_start={c.beta_start!r}, beta_end={c.beta_end!r}."
@@ -347,13 +459,10 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
                 f"got beta_schedule={c.beta_schedule!r}, trained_betas={'set' if c.trained_betas is not None else None}."
             )
         self._validate_zero_snr()
-        if c.clip_sample_range <= 0 or c.sample_max_value <= 0:
-            raise ValueError(
-                "`clip_sample_range` and `sample_max_value` must be > 0; "
-                f"got {c.clip_sample_range!r} and {c.sample_max_value!r}."
-            )
-        if not 0.0 < c.dynamic_thresholding_ratio <= 1.0:
-            raise ValueError(f"`dynamic_thresholding_ratio` must be in (0, 1]; got {c.dynamic_thresholding_ratio!r}.")
+        self._validate_reverse_family()
+        _real("clip_sample_range", c.clip_sample_range, 0.0, math.inf)
+        _real("sample_max_value", c.sample_max_value, 0.0, math.inf)
+        _real("dynamic_thresholding_ratio", c.dynamic_thresholding_ratio, 0.0, 1.0, hi_open=False)
 
     def _validate_zero_snr(self) -> None:
         c = self.config
@@ -369,17 +478,49 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
                 "(x̂_0 is then clipped to the sample range, as in diffusers)."
             )
 
+    def _validate_reverse_family(self) -> None:
+        """``eta`` in [0, 1]; ``analytic_moments`` None or T finite values >= 0, required by "analytic"."""
+        c = self.config
+        eta = c.eta
+        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not 0 <= eta <= 1:
+            raise ValueError(
+                f"`eta` must be a number in [0, 1] (1: DDPM's posterior, 0: DDIM, λ² = η²·β̃'); got {eta!r}."
+            )
+        moments = c.analytic_moments
+        if moments is None:
+            if c.variance_type == ANALYTIC_VARIANCE_TYPE:
+                raise ValueError(MISSING_MOMENTS_HINT)
+            return
+        try:
+            gamma = np.asarray(moments, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`analytic_moments` must be a sequence of numbers; got {type(moments).__name__}."
+            ) from None
+        T = c.num_train_timesteps
+        if gamma.shape != (T,) or not np.all(np.isfinite(gamma)) or np.any(gamma < 0):
+            raise ValueError(
+                f"`analytic_moments` must hold num_train_timesteps={T} finite values >= 0 (Γ_t for t = 0 … T−1, "
+                f"from ddpm_plus.estimate_analytic_moments); got {gamma.size} values"
+                + (f" in [{gamma.min():.3g}, {gamma.max():.3g}]." if gamma.size else ".")
+            )
+
     def _make_betas(self) -> np.ndarray:
         c = self.config
         T = c.num_train_timesteps
         if c.trained_betas is not None:
-            betas = np.asarray(c.trained_betas, dtype=np.float64)
-            if betas.shape != (T,) or not np.all((betas > 0) & (betas < 1)):
+            try:
+                betas = np.asarray(c.trained_betas, dtype=np.float64)
+            except (TypeError, ValueError):
                 raise ValueError(
-                    f"`trained_betas` must hold num_train_timesteps={T} values in (0, 1); "
-                    f"got shape {betas.shape} with range [{betas.min():.3g}, {betas.max():.3g}]."
+                    f"`trained_betas` must be a sequence of num_train_timesteps={T} numbers; got {type(c.trained_betas).__name__}."
+                ) from None
+            if betas.shape != (T,) or not np.all((betas > 0) & (betas < 1)):
+                got = f" with range [{betas.min():.3g}, {betas.max():.3g}]" if betas.size else ""
+                raise ValueError(
+                    f"`trained_betas` must hold num_train_timesteps={T} values in (0, 1); got shape {betas.shape}{got}."
                 )
-            return betas
+            return self._checked_alphas(betas)
         if c.beta_schedule == "linear":
             scale = 1000.0 / T if c.rescale_betas_for_num_timesteps else 1.0
             if c.beta_end * scale >= 1.0:
@@ -387,13 +528,39 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
                     f"`rescale_betas_for_num_timesteps` with num_train_timesteps={T} scales beta_end to "
                     f"{c.beta_end * scale:.3g} >= 1; use more timesteps or a smaller beta_end."
                 )
-            return np.linspace(c.beta_start * scale, c.beta_end * scale, T, dtype=np.float64)
+            return self._checked_alphas(np.linspace(c.beta_start * scale, c.beta_end * scale, T, dtype=np.float64))
         if c.beta_schedule == "scaled_linear":
-            return np.linspace(c.beta_start**0.5, c.beta_end**0.5, T, dtype=np.float64) ** 2
+            return self._checked_alphas(np.linspace(c.beta_start**0.5, c.beta_end**0.5, T, dtype=np.float64) ** 2)
         if c.beta_schedule == "squaredcos_cap_v2":
-            return cosine_alpha_bar_betas(T)
+            return self._checked_alphas(cosine_alpha_bar_betas(T))
         # "sigmoid" (GeoDiff)
-        return 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T))) * (c.beta_end - c.beta_start) + c.beta_start
+        return self._checked_alphas(
+            1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T))) * (c.beta_end - c.beta_start) + c.beta_start
+        )
+
+    def _checked_alphas(self, betas: np.ndarray) -> np.ndarray:
+        """``betas`` if ᾱ_t = ∏(1 − β) is strictly decreasing (every β ≥ 1.1e-16: 1 − β < 1 in float64) and
+        ᾱ_T >= MIN_ALPHA_BAR, else a ValueError naming the schedule's arguments. Below that ᾱ underflows
+        towards 0 and 1/√ᾱ_t, x̂_0 and the zero-SNR rescale overflow or divide 0 by 0."""
+        c = self.config
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        source = "trained_betas" if c.trained_betas is not None else f"beta_schedule={c.beta_schedule!r}"
+        if c.trained_betas is None and c.beta_schedule != "squaredcos_cap_v2":
+            source += f" with beta_start={c.beta_start!r}, beta_end={c.beta_end!r}"
+        T = c.num_train_timesteps
+        if not alphas_cumprod[-1] >= MIN_ALPHA_BAR:
+            raise ValueError(
+                f"{source} and num_train_timesteps={T} give ᾱ_T = {alphas_cumprod[-1]:.3g} < {MIN_ALPHA_BAR:g} "
+                "(the signal underflows; 1/√ᾱ_t overflows): lower `beta_end` or `num_train_timesteps`, or use "
+                "rescale_betas_zero_snr=True for an exactly zero terminal SNR."
+            )
+        if T > 1 and not np.all(np.diff(alphas_cumprod) < 0):
+            first = int(np.flatnonzero(np.diff(alphas_cumprod) >= 0)[0]) + 1
+            raise ValueError(
+                f"{source} gives β_{first + 1} = {betas[first]:.3g}, too small to change ᾱ in float64 "
+                "(`trained_betas`/`beta_start` must be >= 1.1e-16)."
+            )
+        return betas
 
     # ------------------------------------------------------------------ the sampling sequence
     def set_timesteps(
@@ -421,7 +588,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         T = self.config.num_train_timesteps
         self._respacing = r
         # Rows for every t (visited or not): the step t -> the next lower visited timestep.
-        self._seq = _coefficient_table(self._alphas_cumprod_np, np.arange(T), r.prev_timestep, r.next_timestep)
+        self._seq = self._table(np.arange(T), r.prev_timestep, r.next_timestep)
         self._seq_rows: dict = {}  # timestep -> python-float row of self._seq (a cache, same numbers)
         self.timesteps = torch.from_numpy(r.timesteps.copy()).to(device)
 
@@ -454,7 +621,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     def _lookup(self, timestep, prev_timestep=None, next_timestep=None, sequence=False) -> StepCoefficients:
         """numpy columns for 1-D ``timestep``: rows of a table, or the formula for explicit neighbours."""
         T = self.config.num_train_timesteps
-        t = torch.as_tensor(timestep).reshape(-1).long().cpu().numpy()
+        t = _integral("timestep", _as_numpy("timestep", timestep))
         if t.size and (t.min() < 0 or t.max() >= T):
             raise ValueError(f"`timestep` values must be in [0, {T - 1}]; got range [{t.min()}, {t.max()}].")
         if prev_timestep is None and next_timestep is None:
@@ -471,7 +638,13 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("`prev_timestep` must satisfy -1 <= prev_timestep < timestep.")
         if np.any((nxt != -1) & ((nxt <= t) | (nxt >= T))):
             raise ValueError(f"`next_timestep` must be -1 or satisfy timestep < next_timestep <= {T - 1}.")
-        return _coefficient_table(self._alphas_cumprod_np, t, prev, nxt)
+        return self._table(t, prev, nxt)
+
+    def _table(self, t, prev, nxt) -> StepCoefficients:
+        """:func:`_coefficient_table` with this config's η, Γ table and data range."""
+        c = self.config
+        r = c.clip_sample_range
+        return _coefficient_table(self._alphas_cumprod_np, t, prev, nxt, c.eta, c.analytic_moments, r * r)
 
     def _coefs(self, timestep, like: torch.Tensor, prev_timestep=None, next_timestep=None, sequence=False):
         """Coefficients to apply to ``like``: python floats for scalar arguments (rows cached), else tensors
@@ -479,7 +652,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         scalar = all(_is_scalar(v) for v in (timestep, prev_timestep, next_timestep))
         if scalar and prev_timestep is None and next_timestep is None:
             cache = self._seq_rows if sequence else self._full_rows
-            t = int(timestep)
+            t = timestep if type(timestep) is int else int(_integral("timestep", _as_numpy("timestep", timestep))[0])
             row = cache.get(t)
             if row is None:
                 row = cache[t] = StepCoefficients(*(float(v[0]) for v in self._lookup(t, sequence=sequence)))
@@ -495,6 +668,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ forward process
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """docs/math.md eq. (16)/(23): x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, ᾱ in float64 until the final multiply."""
+        self._check_forward_inputs("original_samples", original_samples, noise, timesteps)
         a, b = self._forward_coefficients(original_samples, timesteps)
         dtype = _compute_dtype(original_samples)
         out = torch.mul(original_samples.to(dtype), a).addcmul_(b, noise.to(dtype))  # one new buffer
@@ -502,9 +676,29 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0 (Salimans & Ho 2022); ``sample`` is x_0."""
+        self._check_forward_inputs("sample", sample, noise, timesteps)
         a, b = self._forward_coefficients(sample, timesteps)
         dtype = _compute_dtype(sample)
         return (a * noise.to(dtype) - b * sample.to(dtype)).to(sample.dtype)
+
+    def _check_forward_inputs(self, name: str, x, noise, timesteps) -> None:
+        """ValueErrors naming the argument: ``x`` a floating tensor, ``noise`` of its shape, ``timesteps`` a
+        scalar or one per sample, integers in [0, T-1]. Values are checked for CPU timesteps (and python
+        numbers/lists) only: on an accelerator the check would synchronise the device at every training step."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+            raise ValueError(f"`{name}` must be a floating-point tensor of shape (batch, ...); got {_what(x)}.")
+        if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+            raise ValueError(
+                f"`noise` must be a tensor of the shape of `{name}`, {tuple(x.shape)}; got {_what(noise)}."
+            )
+        _check_timestep_shape("timesteps", timesteps, x.shape[0])
+        if not isinstance(timesteps, torch.Tensor) or timesteps.device.type == "cpu":
+            t = _integral("timesteps", _as_numpy("timesteps", timesteps))
+            T = self.config.num_train_timesteps
+            if t.size and (t.min() < 0 or t.max() >= T):
+                raise ValueError(f"`timesteps` values must be in [0, {T - 1}]; got range [{t.min()}, {t.max()}].")
+        elif timesteps.dtype == torch.bool or timesteps.is_complex():
+            raise ValueError(f"`timesteps` must hold integer timesteps; got dtype {timesteps.dtype}.")
 
     def _forward_coefficients(self, sample: torch.Tensor, timesteps):
         """(√ᾱ_t, √(1−ᾱ_t)) of the full table, gathered per element in the compute dtype on the device."""
@@ -582,16 +776,29 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
 
     def _log_variance(self, c: StepCoefficients, variance_output: torch.Tensor | None, dtype: torch.dtype):
         kind = self.config.variance_type
-        if kind in ("fixed_small", "fixed_small_log"):  # eqs. (52), (53)
+        if kind in ("fixed_small", "fixed_small_log"):  # eqs. (52), (53); λ² = η²·β̃'
             return c.posterior_log_variance_clipped
         if kind in ("fixed_large", "fixed_large_log"):
             return c.large_log_variance_clipped
-        out = variance_output.to(dtype)
-        if kind == "learned":  # the model outputs log σ², eq. (54)
-            return out
-        # learned_range, eq. (55) (Nichol & Dhariwal 2021, eq. 15): log σ² = f·log β' + (1 − f)·log β̃' (clipped)
-        frac = (out + 1.0) / 2.0
-        return frac * c.log_beta + (1.0 - frac) * c.posterior_log_variance_clipped
+        if kind == ANALYTIC_VARIANCE_TYPE:  # Bao et al. 2022, Theorem 1
+            return c.analytic_log_variance
+        return self._learned_log_variance(c, variance_output.to(dtype))
+
+    def _learned_log_variance(self, c: StepCoefficients, out: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """eq. (54) (the model outputs log σ²) or eq. (55) (Nichol & Dhariwal 2021, eq. 15: log σ² = f·log β'
+        + (1 − f)·log β̃', clipped), the DDPM (η = 1) variance the model learned, times η² before a step
+        that does not end at x_0 (Song et al. 2021, eq. (16): σ(η) = η·σ); η = 0: σ = 0 there."""
+        eta = self.config.eta
+        if (kind or self.config.variance_type) == "learned":
+            log_var = out if eta in (0, 1) else out + c.log_eta_sq
+        else:
+            frac = (out + 1.0) / 2.0
+            # with η ∉ {0, 1} posterior_log_variance_clipped already holds log(η²·β̃') (q_λ's variance)
+            high = c.log_beta if eta in (0, 1) else c.log_beta + c.log_eta_sq
+            log_var = frac * high + (1.0 - frac) * c.posterior_log_variance_clipped
+        if eta == 0:
+            log_var = torch.where(torch.as_tensor(c.prev_timestep, device=out.device) >= 0, -math.inf, log_var)
+        return log_var
 
     def _split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
         """(prediction, variance output or None). Fixed variance types ignore extra variance channels."""
@@ -631,6 +838,8 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         kind = self.config.variance_type
         if kind in LEARNED_VARIANCE_TYPES:
             std = torch.exp(0.5 * log_variance)
+        elif kind == ANALYTIC_VARIANCE_TYPE:
+            std = coefficients.analytic_std
         else:  # σ from the table: the same number for python-float and tensor coefficients
             std = (
                 coefficients.posterior_std_clipped if kind.startswith("fixed_small") else coefficients.large_std_clipped
@@ -651,6 +860,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> DDPMPlusSchedulerOutput | tuple:
         """One ancestral step x_t -> x_prev ~ N(μ_θ, σ²) on the current sequence; no noise at its final step."""
+        _check_step_inputs(model_output, timestep, sample)
         c = self._coefs(timestep, sample, sequence=True)
         noise = None
         if isinstance(c.prev_timestep, torch.Tensor) or c.prev_timestep >= 0:
@@ -668,26 +878,70 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
         standard deviation), fixed_large β', fixed_large_log log β', learned the model output unchanged,
         learned_range its log σ² (minimum: the clipped log β̃', not log 1e-20)."""
         kind = self.config.variance_type if variance_type is None else variance_type
-        _one_of("variance_type", kind, VARIANCE_TYPES)
+        _one_of("variance_type", kind, ALL_VARIANCE_TYPES)
         c = self._coefs(t, self.one, sequence=True)
-        fixed = {
+        if kind == ANALYTIC_VARIANCE_TYPE and self.config.analytic_moments is None:
+            raise ValueError(MISSING_MOMENTS_HINT)
+        fixed = {  # with η ≠ 1: λ² = η²·β̃' and η²·β' (log_eta_sq = 0 at η = 1: the same numbers)
             "fixed_small": c.posterior_variance,
             "fixed_small_log": math.sqrt(c.posterior_variance),
-            "fixed_large": c.beta,
-            "fixed_large_log": c.log_beta,
+            "fixed_large": c.beta * math.exp(c.log_eta_sq),
+            "fixed_large_log": c.log_beta + c.log_eta_sq,
+            ANALYTIC_VARIANCE_TYPE: math.exp(c.analytic_log_variance),
         }
         if kind in fixed:
             return torch.tensor(fixed[kind], dtype=torch.float64)
         if predicted_variance is None:
             raise ValueError(f"variance_type={kind!r} needs `predicted_variance` (the model's variance output).")
-        if kind == "learned":
+        if kind == "learned" and self.config.eta == 1:
             return predicted_variance
         pv = torch.as_tensor(predicted_variance)
-        frac = (pv.to(_compute_dtype(pv)) + 1.0) / 2.0
-        return (frac * c.log_beta + (1.0 - frac) * c.posterior_log_variance_clipped).to(pv.dtype)
+        return self._learned_log_variance(c, pv.to(_compute_dtype(pv)), kind).to(pv.dtype)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _what(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _as_numpy(name: str, value) -> np.ndarray:
+    """Timesteps (a number, sequence, array or tensor) as a 1-D numpy array; a ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(-1).cpu().numpy()
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        raise ValueError(f"`{name}` must be integer timesteps; got {_what(value)}.")
+    try:
+        return np.asarray(value).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be integer timesteps; got {_what(value)}.") from None
+
+
+def _check_timestep_shape(name: str, timesteps, batch: int) -> None:
+    shape = tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else np.shape(timesteps)
+    if len(shape) > 1 or (len(shape) == 1 and shape[0] not in (1, batch)):
+        raise ValueError(
+            f"`{name}` must be a scalar or a 1-D sequence with one timestep per sample ({batch}); got shape {shape}."
+        )
+
+
+def _check_step_inputs(model_output, timestep, sample) -> None:
+    """step()'s arguments: floating tensors (batch, channels, ...) of the same batch and spatial shape, and
+    a scalar timestep or one per sample (values are checked where the coefficients are looked up)."""
+    for name, value in (("sample", sample), ("model_output", model_output)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim < 2:
+            raise ValueError(
+                f"`{name}` must be a floating-point tensor of shape (batch, channels, ...); got {_what(value)}."
+            )
+    if model_output.shape[0] != sample.shape[0] or model_output.shape[2:] != sample.shape[2:]:
+        raise ValueError(
+            f"`model_output` of shape {tuple(model_output.shape)} must match `sample` of shape {tuple(sample.shape)} "
+            "in every dimension but the channels."
+        )
+    _check_timestep_shape("timestep", timestep, sample.shape[0])
 
 
 def _is_scalar(value) -> bool:

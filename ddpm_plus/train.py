@@ -1,4 +1,4 @@
-"""Train an unconditional DDPM (``UNet2DModel`` + ``DDPMPlusScheduler``) with accelerate.
+"""Train an unconditional or class-conditional DDPM (``UNet2DModel`` + ``DDPMPlusScheduler``) with accelerate.
 
     accelerate launch -m ddpm_plus.train --config digits --output_dir digits-ddpm   # any number of processes
     ddpm-plus train --config digits --output_dir digits-ddpm                         # one process
@@ -13,6 +13,12 @@ the noise and timesteps of micro-step k are drawn for the GLOBAL batch from a ge
 (seed, k) and sliced per process. So a resumed run continues the same trajectory, and N processes see
 exactly what one process with N times the batch sees. Dropout uses torch's global RNG, whose state
 accelerate checkpoints per process.
+
+``--class_conditional``: the UNet gets ``num_classes + 1`` class embeddings; id ``num_classes`` is the null
+class of classifier-free guidance (Ho & Salimans 2022), which replaces each label with probability
+``--class_dropout_prob``. The dropout mask is drawn, like the noise, for the global batch from a generator
+seeded by (seed, micro-step) and sliced per process (``drop_labels``), never from the global RNG; the saved
+pipeline records the class names, the null id and the dropout (``DDPMPlusPipeline`` config).
 
 ``training_step`` is the whole per-micro-step computation (noising, forward, loss, backward, clip,
 optimizer/LR/EMA updates); import it to benchmark the real thing.
@@ -31,21 +37,22 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, hub
+from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, hub, run_lock
 from ddpm_plus import checkpointing as ckpt
 from ddpm_plus.image_grid import image_grid
 from ddpm_plus.losses import ImportanceSampler, compute_loss
+from ddpm_plus.preemption import GracefulStop, TrainingInterrupted
 from ddpm_plus.scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES
 from ddpm_plus.training_args import build_scheduler, parse_args
 from ddpm_plus.training_data import build_dataloader, derive_seed, uses_digits
 
-__all__ = ["main", "train", "training_step", "NonFiniteLossError"]
+__all__ = ["main", "train", "training_step", "NonFiniteLossError", "TrainingInterrupted"]
 
 logger = logging.getLogger("ddpm_plus.train")
 
@@ -80,6 +87,19 @@ def draw_noise_and_timesteps(x0, num_train_timesteps, step_seed, accelerator, im
     return noise[start : start + local], timesteps[start : start + local], weights
 
 
+def drop_labels(labels, null_class_id: int, class_dropout_prob: float, step_seed: int, accelerator):
+    """This process's labels with each replaced by ``null_class_id`` with probability ``class_dropout_prob``:
+    one uniform draw per example of the GLOBAL batch from a generator seeded by (``step_seed``, "labels"),
+    sliced like the noise, so resuming and the number of processes do not change which labels drop."""
+    if not class_dropout_prob:
+        return labels
+    local = labels.shape[0]
+    start = accelerator.process_index * local
+    gen = torch.Generator(device=labels.device).manual_seed(derive_seed(step_seed, "labels"))
+    u = torch.rand(local * accelerator.num_processes, generator=gen, device=labels.device)[start : start + local]
+    return torch.where(u < class_dropout_prob, torch.full_like(labels, null_class_id), labels)
+
+
 def training_step(
     batch,
     unet,
@@ -95,8 +115,10 @@ def training_step(
     num_bins: int = 256,
     ema=None,
     importance_sampler=None,
+    class_dropout_prob: float = 0.0,
 ) -> StepOutput:
-    """One micro-step on ``batch["pixel_values"]`` (images in [-1, 1]).
+    """One micro-step on ``batch["pixel_values"]`` (images in [-1, 1]), conditioned on ``batch["class_labels"]``
+    when present (label dropout to the null class, the UNet's last class id: ``drop_labels``).
 
     Noising x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (docs/math.md eq. 16) and the loss are computed in
     float32 outside the model's autocast; under gradient accumulation the optimizer, LR scheduler
@@ -108,9 +130,13 @@ def training_step(
         x0, noise_scheduler.config.num_train_timesteps, step_seed, accelerator, importance_sampler
     )
     x_t = noise_scheduler.add_noise(x0, noise, timesteps)
+    class_labels = batch.get("class_labels")
+    if class_labels is not None:
+        null_class_id = accelerator.unwrap_model(unet).config.num_class_embeds - 1
+        class_labels = drop_labels(class_labels, null_class_id, class_dropout_prob, step_seed, accelerator)
     grad_norm = None
     with accelerator.accumulate(unet):
-        model_output = unet(x_t, timesteps).sample.float()
+        model_output = unet(x_t, timesteps, class_labels=class_labels).sample.float()
         losses = compute_loss(
             noise_scheduler, model_output, x0, x_t, noise, timesteps,
             loss_type=loss_type, snr_gamma=snr_gamma, num_bins=num_bins,
@@ -156,9 +182,11 @@ def build_accelerator(args):
     return accelerator
 
 
-def build_unet(args):
-    """A UNet2DModel from the shape flags or a local config; 2x output channels for learned variances."""
+def build_unet(args, num_classes: int | None = None):
+    """A UNet2DModel from the shape flags or a local config; 2x output channels for learned variances;
+    with ``num_classes``, a class embedding of ``num_classes + 1`` ids (the last: the null class)."""
     out_channels = args.channels * (2 if args.variance_type in LEARNED_VARIANCE_TYPES else 1)
+    classes = {} if num_classes is None else {"num_class_embeds": num_classes + 1, "class_embed_type": None}
     if args.model_config_name_or_path is None:
         return UNet2DModel(
             sample_size=args.resolution,
@@ -171,6 +199,7 @@ def build_unet(args):
             norm_num_groups=args.norm_num_groups,
             dropout=args.dropout,
             attention_head_dim=args.attention_head_dim,  # None: one head per layer, as in DDPM
+            **classes,
         )
     path = Path(args.model_config_name_or_path)
     subfolder = "unet" if (path / "unet" / "config.json").is_file() else None
@@ -182,7 +211,7 @@ def build_unet(args):
             f"{args.variance_type} needs {args.channels}/{out_channels}"
         )
     config["sample_size"] = args.resolution
-    return UNet2DModel.from_config(config)
+    return UNet2DModel.from_config({**config, **classes})
 
 
 def build_ema(args, unet):
@@ -227,6 +256,7 @@ class TrainingRun:
     max_train_steps: int
     steps_per_epoch: int
     layout: dict
+    conditioning: dict = field(default_factory=dict)  # DDPMPlusPipeline's class keywords; {} unconditional
     start_step: int = 0
     last_grid: Path | None = None
     checkpoint_pushes: list = field(default_factory=list)
@@ -255,16 +285,41 @@ class TrainingRun:
             batch, self.unet, self.noise_scheduler, self.optimizer, self.lr_scheduler, self.accelerator,
             step_seed=derive_seed(args.seed, "noise", micro_step), loss_type=args.loss, snr_gamma=args.snr_gamma,
             max_grad_norm=args.max_grad_norm, num_bins=self.num_bins, ema=self.ema,
-            importance_sampler=self.importance_sampler,
+            importance_sampler=self.importance_sampler, class_dropout_prob=args.class_dropout_prob,
         )  # fmt: skip
 
 
 def _prepare_output_dir(accelerator, output_dir: Path) -> None:
+    """Before any training: create ``output_dir``, check that it is writable, take its run lock
+    (ddpm_plus/run_lock.py; released when ``train`` returns or raises) and delete what a killed run left.
+    A failure is raised on every process, as OutputDirLockedError naming the directory."""
+    error = None
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt.remove_stale_tmp(output_dir):
-            logger.info("removed incomplete checkpoint %s", stale)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            probe = output_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            error = (
+                f"output_dir {output_dir} is not a writable directory ({ckpt.describe_write_error(e)}); "
+                "nothing was trained. Use a writable --output_dir."
+            )
+        else:
+            try:
+                lock = run_lock.acquire(output_dir)
+            except run_lock.OutputDirLockedError as e:
+                error = str(e)
+            else:
+                if lock.took_over:
+                    logger.warning("took over the lock of a run that is gone: %s", lock.took_over)
+                for stale in ckpt.remove_stale_tmp(output_dir):
+                    logger.info("removed incomplete checkpoint %s", stale)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
     accelerator.wait_for_everyone()
+    if error is not None:
+        raise run_lock.OutputDirLockedError(error)
 
 
 def prepare(args) -> TrainingRun:
@@ -275,9 +330,10 @@ def prepare(args) -> TrainingRun:
         torch.backends.cudnn.allow_tf32 = True
     set_seed(args.seed)  # the same initial weights on every process
     _prepare_output_dir(accelerator, Path(args.output_dir))
-    loader, sampler, num_images, num_bins = build_dataloader(args, accelerator)
+    loader, sampler, num_images, num_bins, id2label = build_dataloader(args, accelerator)
     noise_scheduler = build_scheduler(args)
-    unet = build_unet(args)
+    conditioning = pipeline_conditioning(args, id2label)
+    unet = build_unet(args, None if id2label is None else len(id2label))
     if args.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args, unet, accelerator.device)
@@ -301,7 +357,9 @@ def prepare(args) -> TrainingRun:
         importance_sampler=ImportanceSampler(args.num_train_timesteps) if args.loss == "vlb" else None,
         num_bins=num_bins, max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
         layout={"samples_per_step": args.train_batch_size * accelerator.num_processes * ga,
-                "steps_per_epoch": steps_per_epoch, "seed": args.seed},
+                "steps_per_epoch": steps_per_epoch, "seed": args.seed,
+                **({"num_classes": len(id2label), "class_dropout_prob": args.class_dropout_prob} if id2label else {})},
+        conditioning=conditioning,
     )  # fmt: skip
     resume(run)
     if args.logger != "none":
@@ -327,8 +385,20 @@ def resume(run: TrainingRun) -> None:
     if path is None:
         logger.info("no complete checkpoint in %s: starting a new run", run.output_dir)
         return
+    # Every file checked (present, JSON/safetensors intact) before anything is loaded: a bad checkpoint is a
+    # CorruptCheckpointError naming the file, not a traceback from inside accelerate.
+    ckpt.check_checkpoint(
+        path, num_processes=run.accelerator.num_processes, ema=run.ema is not None,
+        importance_sampler=run.importance_sampler is not None,
+    )  # fmt: skip
     run.start_step = ckpt.load_training_state(path, run.layout)
-    run.accelerator.load_state(str(path))
+    try:  # accelerate's pickles (optimizer, RNG states, GradScaler): weights_only, no arbitrary objects
+        run.accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+    except Exception as e:
+        raise ckpt.CorruptCheckpointError(
+            f"cannot load checkpoint {path}: {type(e).__name__}: {e}. Resume from an earlier checkpoint "
+            "(--resume_from_checkpoint PATH) or delete this one."
+        ) from e
     ckpt.load_lr_scheduler(path, run.lr_scheduler)
     if run.ema is not None:
         ckpt.load_ema(path, run.ema)
@@ -419,11 +489,33 @@ class TrainingMeter:
 # ----------------------------------------------------------------------------------------- outputs
 
 
-def make_pipeline(unet, noise_scheduler):
+def pipeline_conditioning(args, id2label) -> dict:
+    """DDPMPlusPipeline's class keywords for a conditional run (class names, null id, dropout); {} otherwise."""
+    if id2label is None:
+        return {}
+    return {"id2label": id2label, "null_class_id": len(id2label), "class_dropout_prob": args.class_dropout_prob}
+
+
+def make_pipeline(unet, noise_scheduler, conditioning=None):
     """A DDPMPlusPipeline around ``unet`` with a fresh scheduler copy (never the training object)."""
-    pipe = DDPMPlusPipeline(unet=unet, scheduler=DDPMPlusScheduler.from_config(noise_scheduler.config))
+    scheduler = DDPMPlusScheduler.from_config(noise_scheduler.config)
+    pipe = DDPMPlusPipeline(unet=unet, scheduler=scheduler, **(conditioning or {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+GRID_MAX_CLASSES = 16  # rows of a conditional sample grid: every class, or this many evenly spaced ones
+
+
+def grid_class_labels(num_classes: int, batch_size: int) -> tuple[list[int], int]:
+    """(labels, rows) of a conditional sample grid: one row per class (a fixed, evenly spaced subset of
+    ``GRID_MAX_CLASSES`` classes when there are more), ``batch_size // rows`` images per row (at least 1)."""
+    if num_classes <= GRID_MAX_CLASSES:
+        classes = list(range(num_classes))
+    else:
+        classes = sorted({round(i * (num_classes - 1) / (GRID_MAX_CLASSES - 1)) for i in range(GRID_MAX_CLASSES)})
+    per_row = max(1, batch_size // len(classes))
+    return [c for c in classes for _ in range(per_row)], len(classes)
 
 
 class ema_weights:
@@ -443,9 +535,14 @@ class ema_weights:
             self.ema.restore(self.model.parameters())
 
 
-def save_sample_grid(args, model, ema, noise_scheduler, step) -> Path:
+def save_sample_grid(args, model, ema, noise_scheduler, step, conditioning=None) -> Path:
     """Sample ``--eval_batch_size`` images with EMA weights and a respaced scheduler copy; main process only.
-    ``model`` is the unwrapped UNet2DModel (not DDP, not compiled)."""
+    ``model`` is the unwrapped UNet2DModel (not DDP, not compiled). A conditional model's grid has one row
+    per class (:func:`grid_class_labels`), sampled at ``--eval_guidance_scale``."""
+    labels, rows, extra = None, None, {}
+    if conditioning:
+        labels, rows = grid_class_labels(len(conditioning["id2label"]), args.eval_batch_size)
+        extra = {"class_labels": labels, "guidance_scale": args.eval_guidance_scale}
     path = Path(args.output_dir) / "samples" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
@@ -453,22 +550,23 @@ def save_sample_grid(args, model, ema, noise_scheduler, step) -> Path:
         model.eval()
         try:
             generator = torch.Generator(device=model.device).manual_seed(args.seed)
-            images = make_pipeline(model, noise_scheduler)(
-                batch_size=args.eval_batch_size, generator=generator,
-                num_inference_steps=args.eval_inference_steps, output_type="pil",
+            images = make_pipeline(model, noise_scheduler, conditioning)(
+                batch_size=len(labels) if labels else args.eval_batch_size, generator=generator,
+                num_inference_steps=args.eval_inference_steps, output_type="pil", **extra,
             ).images  # fmt: skip
         finally:
             model.train()
-    image_grid(images).save(path)
+    image_grid(images, rows=rows).save(path)
     return path
 
 
-def save_final_pipeline(args, model, ema, noise_scheduler) -> None:
+def save_final_pipeline(args, model, ema, noise_scheduler, conditioning=None) -> None:
+    """The pipeline (safetensors) into ``output_dir``, atomically: ``model_index.json`` appears last."""
     with ema_weights(ema, model):
-        make_pipeline(model, noise_scheduler).save_pretrained(args.output_dir, safe_serialization=True)
+        ckpt.save_pipeline(make_pipeline(model, noise_scheduler, conditioning), args.output_dir)
 
 
-def write_card(args, summary, num_processes) -> Path:
+def write_card(args, summary, num_processes, conditioning=None) -> Path:
     return hub.write_model_card(
         args.output_dir,
         repo_id=args.hub_model_id,
@@ -485,6 +583,9 @@ def write_card(args, summary, num_processes) -> Path:
         train_steps=summary["global_step"],
         images_per_second=summary["images_per_s"],
         final_loss=summary["final_loss"],
+        id2label=(conditioning or {}).get("id2label"),
+        class_dropout_prob=(conditioning or {}).get("class_dropout_prob"),
+        grid_guidance_scale=args.eval_guidance_scale if conditioning else None,
     )
 
 
@@ -504,34 +605,55 @@ def write_extra_state(directory, *, global_step, layout, lr_scheduler, ema, impo
     ckpt.write_json(directory / ckpt.STATE_FILE, {"global_step": global_step, **layout})  # marks it complete
 
 
-def maybe_checkpoint(run: TrainingRun, meter: TrainingMeter, step: int, done: bool) -> None:
-    """Every ``--checkpointing_steps`` and at the end: an atomic checkpoint (all processes), pruning, and
-    with ``--push_checkpoints`` a background push of the current EMA pipeline."""
-    args = run.args
-    if step % args.checkpointing_steps and not done:
-        return
+def _write_checkpoint(run: TrainingRun, meter: TrainingMeter, step: int) -> Path:
+    """checkpoint-{step} (all processes; raises CheckpointWriteError, keeping the earlier ones, if the write
+    fails), then pruning and a log line on the main process."""
     meter.check_finite()
     path = ckpt.save_checkpoint(
         run.accelerator, run.output_dir, step,
         lambda d: write_extra_state(d, global_step=step, layout=run.layout, lr_scheduler=run.lr_scheduler,
                                     ema=run.ema, importance_sampler=run.importance_sampler),
     )  # fmt: skip
+    if run.accelerator.is_main_process:
+        for old in ckpt.prune_checkpoints(run.output_dir, run.args.checkpoints_total_limit or None):
+            logger.info("removed old checkpoint %s", old)
+        logger.info("saved %s", path)
+    return path
+
+
+def maybe_checkpoint(run: TrainingRun, meter: TrainingMeter, step: int, done: bool) -> None:
+    """Every ``--checkpointing_steps`` and at the end: an atomic checkpoint (all processes), pruning, and
+    with ``--push_checkpoints`` a background push of the current EMA pipeline."""
+    args = run.args
+    if step % args.checkpointing_steps and not done:
+        return
+    _write_checkpoint(run, meter, step)
     if not run.accelerator.is_main_process:
         return
-    for old in ckpt.prune_checkpoints(run.output_dir, args.checkpoints_total_limit or None):
-        logger.info("removed old checkpoint %s", old)
-    logger.info("saved %s", path)
     if args.push_checkpoints and not done:  # the current EMA pipeline, uploaded in the background
-        save_final_pipeline(args, run.model, run.ema, run.noise_scheduler)
+        save_final_pipeline(args, run.model, run.ema, run.noise_scheduler, run.conditioning)
         write_card(
             args,
             {"global_step": step, "images_per_s": None, "final_loss": meter.last_loss},
             run.accelerator.num_processes,
+            run.conditioning,
         )
         try:
             run.checkpoint_pushes.append(push(args, run_as_future=True))
         except hub.HubPushError as e:
             logger.warning("checkpoint push not started: %s", e)
+
+
+def stop_on_signal(run: TrainingRun, meter: TrainingMeter, step: int, signum: int) -> None:
+    """After optimizer step ``step``, on SIGTERM/SIGINT: a checkpoint at this step (unless the regular one was
+    just written), the trackers closed, then :class:`TrainingInterrupted`."""
+    path = run.output_dir / f"{ckpt.CHECKPOINT_PREFIX}{step}"
+    if step % run.args.checkpointing_steps:  # the same decision on every process (no file-system test)
+        with meter.paused():
+            path = _write_checkpoint(run, meter, step)
+    meter.progress.close()
+    run.accelerator.end_training()
+    raise TrainingInterrupted(signum, step, path)  # main() prints it and exits with 128 + signum
 
 
 def maybe_save_samples(run: TrainingRun, meter: TrainingMeter, step: int, done: bool) -> None:
@@ -541,7 +663,7 @@ def maybe_save_samples(run: TrainingRun, meter: TrainingMeter, step: int, done: 
         return
     meter.check_finite()
     if run.accelerator.is_main_process:
-        run.last_grid = save_sample_grid(run.args, run.model, run.ema, run.noise_scheduler, step)
+        run.last_grid = save_sample_grid(run.args, run.model, run.ema, run.noise_scheduler, step, run.conditioning)
     run.accelerator.wait_for_everyone()
 
 
@@ -561,8 +683,8 @@ def finish(run: TrainingRun, meter: TrainingMeter, step: int) -> dict:
         "last_grid": str(run.last_grid) if run.last_grid else None,
     }
     if accelerator.is_main_process:
-        save_final_pipeline(args, run.model, run.ema, run.noise_scheduler)
-        write_card(args, summary, accelerator.num_processes)
+        save_final_pipeline(args, run.model, run.ema, run.noise_scheduler, run.conditioning)
+        write_card(args, summary, accelerator.num_processes, run.conditioning)
         logger.info("saved the pipeline and model card to %s: %s", run.output_dir, summary)
     accelerator.end_training()
     if accelerator.is_main_process and args.push_to_hub:
@@ -579,7 +701,19 @@ def finish(run: TrainingRun, meter: TrainingMeter, step: int) -> dict:
 
 def train(args) -> dict:
     """Prepare, then per optimizer step: batches, loss, optimizer and EMA (``training_step``), then one
-    call each for logging, checkpointing and sample grids. Returns a summary dict."""
+    call each for logging, checkpointing and sample grids. Returns a summary dict.
+
+    On SIGTERM/SIGINT it finishes the optimizer step, saves a checkpoint and raises
+    :class:`TrainingInterrupted` (ddpm_plus/preemption.py). The output_dir lock is released on any exit."""
+    stop = GracefulStop().install()
+    try:
+        return _train(args, stop)
+    finally:
+        stop.restore()
+        run_lock.release(args.output_dir)
+
+
+def _train(args, stop: GracefulStop) -> dict:
     run = prepare(args)
     meter = TrainingMeter(run)
     step, micro_step = run.start_step, run.start_step * args.gradient_accumulation_steps
@@ -597,6 +731,8 @@ def train(args) -> dict:
             maybe_checkpoint(run, meter, step, done)
             maybe_save_samples(run, meter, step, done)
             # periodic evaluation, when it comes, is one more call here
+        if not done and (signum := stop.requested(run.accelerator)):
+            stop_on_signal(run, meter, step, signum)
         if done:
             break
     return finish(run, meter, step)
@@ -614,7 +750,12 @@ def main(argv=None, prog: str | None = None):
         logger.warning(hub.TOKEN_ON_COMMAND_LINE)
     try:
         return train(args)
-    except (NonFiniteLossError, ValueError, hub.HubPushError) as e:
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from e
+    except (
+        NonFiniteLossError, ValueError, hub.HubPushError, ckpt.CheckpointWriteError, run_lock.OutputDirLockedError,
+    ) as e:  # fmt: skip
         print(f"error: {hub.redact(str(e), args.hub_token)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from e
     finally:
