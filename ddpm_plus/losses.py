@@ -92,6 +92,13 @@ def compute_loss(
         raise ValueError(f"snr_gamma must be a positive number or None, got {snr_gamma!r}")
     variance_type = scheduler.config.variance_type
     learned = variance_type in LEARNED_VARIANCE_TYPES
+    eta = float(scheduler.config.get("eta", 1.0))
+    if loss_type != "simple" and eta != 1.0:
+        # improved DDPM's L_vlb is the bound of the DDPM posterior (η = 1); q_λ with η < 1 is a sampler choice
+        raise ValueError(
+            f"loss_type={loss_type!r} trains against the DDPM posterior and needs a scheduler with eta=1.0; "
+            f"got eta={eta!r}. Train with eta=1.0 and set eta only for sampling."
+        )
     if loss_type != "simple" and not learned:
         raise ValueError(
             f"loss_type={loss_type!r} trains the variance and needs variance_type 'learned' or 'learned_range', "

@@ -13,7 +13,7 @@ survive ``save_pretrained``/``from_pretrained`` and the Hub. With guidance scale
 
     eps_hat = eps(x_t, null) + w * (eps(x_t, c) - eps(x_t, null))
 
-(Ho & Salimans 2022 eq. (6) with their w = ours - 1), both branches from one UNet call on a batch of 2B. It
+(docs/math.md eq. (78); Ho & Salimans 2022 eq. (6) with their w = ours - 1), both branches from one UNet call on a batch of 2B. It
 is computed on the UNet's own output, whatever its ``prediction_type``: at fixed x_t and t the maps between
 the eps, x0 and v parameterisations (docs/math.md eqs. (32), (33), (47), (48)) are affine in the prediction,
 and the weights (1 - w) and w sum to 1, so guiding x0 or v directly equals converting both branches to eps,

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from .hub import argv_without_secrets
+
 try:
     import fcntl
 except ImportError:  # Windows: the pid/host check alone
@@ -115,7 +117,12 @@ class RunLock:
                 self.took_over = holder
             try:
                 os.ftruncate(fd, 0)
-                payload = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv}
+                payload = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.time(),
+                    "argv": argv_without_secrets(sys.argv),
+                }
                 os.write(fd, json.dumps(payload).encode())
                 os.fsync(fd)
             except OSError as e:

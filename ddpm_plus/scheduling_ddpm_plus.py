@@ -271,7 +271,7 @@ def _coefficient_table(alphas_cumprod: np.ndarray, t, prev, nxt, eta=1.0, moment
             coef1 = np.sqrt(ab_p) * beta / (1.0 - ab_t)
             coef2 = np.sqrt(ab_t / ab_p) * (1.0 - ab_p) / (1.0 - ab_t)
             log_eta_sq = np.zeros_like(beta)
-        else:  # q_λ, λ² = η²·β̃' (Song et al. 2021, eqs. (7), (16)); prev = -1 gives λ = 0, coef1 = 1, coef2 = 0
+        else:  # q_λ, λ² = η²·β̃', docs/math.md eqs. (73)-(74); prev = -1 gives λ = 0, coef1 = 1, coef2 = 0
             var = eta**2 * var
             coef2 = np.sqrt(np.maximum(1.0 - ab_p - var, 0.0)) / np.sqrt(1.0 - ab_t)
             coef1 = np.sqrt(ab_p) - coef2 * np.sqrt(ab_t)
@@ -305,7 +305,7 @@ ANALYTIC_DECODER_MIN_VARIANCE = 1e-12  # σ ≥ 1e-6 at the step to x_0: far bel
 
 def _analytic_log_variance(ab_t, t, prev, coef1, lam2, moments, x0_var_max) -> np.ndarray:
     """log σ*² = log(λ² + coef1²·Var(x_0|x_t)) with Var(x_0|x_t) = (1 − ᾱ_t)/ᾱ_t·(1 − Γ_t) clipped to
-    [0, x0_var_max] (Bao et al. 2022, Theorem 1 and its clipping, Theorem 2). The issue's form
+    [0, x0_var_max] (docs/math.md eqs. (75)-(76); Bao et al. 2022, Theorems 1 and 2). The paper's form
     λ² + (√(β̄_t/α') − √(β̄_prev − λ²))²·(1 − Γ_t), α' = ᾱ_t/ᾱ_prev, is the same number: coef1²·β̄_t/ᾱ_t =
     (√(β̄_t/α') − √(β̄_prev − λ²))². At ᾱ_t = 0 (zero SNR) Var(x_0|x_t) = Var(x_0) is taken as the maximum.
     At a step to x_0 (λ = 0: σ*² = Var(x_0|x_t)) σ*² is floored at ANALYTIC_DECODER_MIN_VARIANCE: an
@@ -721,8 +721,10 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ posterior and model distribution
     def q_posterior(self, original_sample, sample, timestep, prev_timestep=None, next_timestep=None):
         """eq. (30): q(x_prev | x_t, x_0) = N(μ̃, β̃) -> (mean, variance, log_variance) of the pair
-        ``timestep -> prev_timestep`` (default: the full chain; see :meth:`coefficients`). ``log_variance``
-        is clipped at a step to x_0 (β̃ = 0 there), as in improved DDPM."""
+        ``timestep -> prev_timestep`` (default: the full chain; see :meth:`coefficients`). With ``eta`` != 1
+        it is the reverse family's q_λ(x_prev | x_t, x_0) = N(coef1·x_0 + coef2·x_t, λ²), λ² = η²·β̃
+        (Song et al. 2021, eq. (7)). ``log_variance`` is clipped at a step to x_0 (β̃ = 0 there), as in
+        improved DDPM."""
         c = self._coefs(timestep, sample, prev_timestep, next_timestep)
         dtype = _compute_dtype(sample, original_sample)
         mean = _lincomb(c.posterior_mean_coef1, original_sample.to(dtype), c.posterior_mean_coef2, sample.to(dtype))

@@ -12,6 +12,7 @@ step-seeded generator (``ddpm_plus.train.drop_labels``), so it is independent of
 from __future__ import annotations
 
 import hashlib
+import signal
 
 import torch
 
@@ -123,5 +124,13 @@ def build_dataloader(args, accelerator):
         pin_memory=accelerator.device.type == "cuda",
         # Own generator: DataLoader draws its base seed from it instead of the global RNG.
         generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=ignore_stop_signals if args.dataloader_num_workers > 0 else None,
     )
     return loader, sampler, len(dataset), (DIGITS_NUM_BINS if uses_digits(args) else 256), dataset.id2label
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM (Ctrl-C and Slurm signal the whole process group): the
+    main process handles them, finishes its step and checkpoints, then shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

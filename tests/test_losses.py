@@ -208,3 +208,14 @@ def test_importance_sampler_state_round_trip():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="num_timesteps"):
         ImportanceSampler(4, history_per_term=3).load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("loss_type", ["hybrid", "vlb"])
+def test_vlb_losses_refuse_a_sampling_eta(loss_type):
+    sched = DDPMPlusScheduler(num_train_timesteps=20, variance_type="learned_range", eta=0.0)
+    x0 = torch.zeros(2, 1, 4, 4)
+    out = torch.zeros(2, 2, 4, 4)
+    t = torch.tensor([3, 7])
+    with pytest.raises(ValueError, match="eta=1.0"):
+        compute_loss(sched, out, x0, x0, x0, t, loss_type=loss_type)
+    assert torch.isfinite(compute_loss(sched, out, x0, x0, x0, t, loss_type="simple")).all()

@@ -52,7 +52,7 @@ HOLDING_RUNNER = textwrap.dedent("""
 class Runner:
     """The trainer in a subprocess, held at micro-step ``hold_call`` / checkpoint ``hold_checkpoint``."""
 
-    def __init__(self, tmp_path, argv, hold_call=0, hold_checkpoint=0):
+    def __init__(self, tmp_path, argv, hold_call=0, hold_checkpoint=0, own_process_group=False):
         script = tmp_path / "holding_runner.py"
         script.write_text(HOLDING_RUNNER)
         self.stderr_path = tmp_path / f"stderr-{len(list(tmp_path.glob('stderr-*')))}.txt"
@@ -61,6 +61,7 @@ class Runner:
         self.proc = subprocess.Popen(
             [sys.executable, str(script), str(hold_call), str(hold_checkpoint), *map(str, argv)],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+            start_new_session=own_process_group,
         )  # fmt: skip
         self.timer = threading.Timer(240, self.proc.kill)  # never hang the suite
         self.timer.start()
@@ -73,6 +74,10 @@ class Runner:
 
     def signal(self, sig) -> None:
         self.proc.send_signal(sig)
+
+    def signal_group(self, sig) -> None:
+        """As Ctrl-C in a terminal or Slurm's scancel: the signal reaches every process of the group."""
+        os.killpg(self.proc.pid, sig)
 
     def resume(self) -> None:
         self.proc.stdin.write("\n")
@@ -129,6 +134,22 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
         load_file(straight / "checkpoint-8" / "model.safetensors"),
         load_file(out / "checkpoint-8" / "model.safetensors"),
     )
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_dataloader_workers_still_checkpoints(tmp_path, image_folder):  # noqa: F811
+    out = tmp_path / "run"
+    argv = [*TINY, *RESUME_ARGS, "--train_data_dir", image_folder, "--dataloader_num_workers", 2, "--output_dir", out]
+    runner = Runner(tmp_path, argv, hold_call=5, own_process_group=True)
+    runner.wait_for("HOLD micro-step 5")
+    runner.signal_group(signal.SIGINT)  # the workers get it too: they must ignore it
+    runner.resume()
+    assert runner.finish() == 128 + signal.SIGINT, runner.stderr_text()[-3000:]
+    err = runner.stderr_text()
+    assert f"interrupted by SIGINT after optimizer step 3; saved checkpoint {out / 'checkpoint-3'}" in err
+    assert "DataLoader worker" not in err
+    assert err.count("received SIGINT") == 1, err  # the main process only, not each worker
+    assert checkpoint_names(out) == ["checkpoint-3"]
 
 
 @pytest.mark.slow
@@ -222,3 +243,18 @@ def test_lock_taken_over_from_a_dead_pid_and_released(tmp_path):
         run_lock.RunLock(out).acquire()  # held (flock) even against another handle in the same process
     lock.release()
     assert not (out / run_lock.LOCK_NAME).exists()
+
+
+def test_lock_file_never_holds_a_token_from_the_command_line(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    secret = "hf_NotWrittenAnywhere123"
+    argv = ["train", "--hub_token", secret, f"--hub_token={secret}", "--output_dir", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    lock = run_lock.RunLock(out).acquire()
+    try:
+        text = (out / run_lock.LOCK_NAME).read_text()
+        assert secret not in text
+        assert json.loads(text)["argv"] == ["train", "--hub_token", "***", "--hub_token=***", "--output_dir", str(out)]
+    finally:
+        lock.release()
