@@ -14,7 +14,7 @@ import math
 import os
 import platform
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
@@ -61,24 +61,6 @@ class HubPushError(RuntimeError):
 def without_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` without the keys that name tokens, secrets or passwords (for cards, trackers, logs)."""
     return {k: v for k, v in config.items() if not _SECRET_KEYS.search(k)}
-
-
-def argv_without_secrets(argv: Sequence[str]) -> list[str]:
-    """A command line with the value of every token/secret/password flag replaced by ``***``
-    (``--hub_token X`` and ``--hub_token=X``), for files such as the run lock."""
-    out, hide_next = [], False
-    for arg in argv:
-        flag, eq, _ = arg.partition("=")
-        if hide_next:
-            out.append(REDACTED)
-        elif flag.startswith("--") and _SECRET_KEYS.search(flag):
-            out.append(f"{flag}={REDACTED}" if eq else arg)
-            hide_next = not eq
-            continue
-        else:
-            out.append(arg)
-        hide_next = False
-    return out
 
 
 def redact(text: str, *secrets: str | None) -> str:
