@@ -7,7 +7,7 @@ this process and in subprocesses, at it, with an empty temporary ``HF_HOME`` (no
 models) and no token. Host names of the real Hub are refused by a resolver guard, so no test can reach
 it even through a hard-coded URL.
 
-Fixtures: ``hub_server`` (``.endpoint``, ``.token``, ``.user``, ``.fail(step, ...)``, ``.files(repo_id)``,
+Fixtures: ``one_thread`` (module-scoped: one intra-op thread, for modules that sample small UNets), ``hub_server`` (``.endpoint``, ``.token``, ``.user``, ``.fail(step, ...)``, ``.files(repo_id)``,
 ``.requests``; faults are cleared after each test), ``hf_token`` (a valid token, exported as HF_TOKEN
 for the test) and ``hub_repo_id`` (a fresh ``user/name`` repo id).
 """
@@ -89,3 +89,16 @@ def hf_token(hub_server, monkeypatch):
 def hub_repo_id(hub_server):
     """A repo id in the token owner's namespace that does not exist yet."""
     return f"{hub_server.user}/test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads of a small UNet stall on each
+    other's barriers (seen here: the same sampling call 0.17 s with 1 thread, 2-15 s with 2). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

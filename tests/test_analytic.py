@@ -23,12 +23,7 @@ ABAR = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
 GAMMA = gaussian_analytic_moments(ABAR, S)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_eps(s=S, prediction_type="epsilon", extra_channels=False):

@@ -7,39 +7,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluate import _save_tiny_pipeline
 
-from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, bits_per_dim, cli, estimate_analytic_moments
+from ddpm_plus import DDPMPlusPipeline, bits_per_dim, cli, estimate_analytic_moments
 from ddpm_plus.data import digits_heldout_tensor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """An 8x8 learned_range pipeline with T = 20 (2x output channels)."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    sched = DDPMPlusScheduler(num_train_timesteps=20, beta_start=0.005, beta_end=0.5, variance_type="learned_range")
-    path = tmp_path_factory.mktemp("pipe")
-    DDPMPlusPipeline(unet, sched).save_pretrained(path)
-    return path
+    return _save_tiny_pipeline(tmp_path_factory.mktemp("pipe"), size=8)
 
 
 @pytest.mark.slow

@@ -19,13 +19,7 @@ from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
 from ddpm_plus.fast_sampling import FastSampler
 from ddpm_plus.scheduling_ddpm_plus import VARIANCE_TYPES, _coefficient_table
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _float64_ddim(**kw):

@@ -92,15 +92,15 @@ def test_classifier_is_accurate_cached_and_deterministic(classifier_cache):
     assert feats.shape == (5, model.feature_dim) and feats.dtype == np.float64
 
 
-def _save_tiny_pipeline(path, channels=1):
-    """A 16x16 learned_range pipeline with T = 20 (2x output channels), saved to ``path``."""
+def _save_tiny_pipeline(path, channels=1, size=16):
+    """A ``size`` x ``size`` learned_range pipeline with T = 20 (2x output channels), saved to ``path``."""
     from diffusers import UNet2DModel
 
     from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
 
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=16,
+        sample_size=size,
         in_channels=channels,
         out_channels=2 * channels,
         block_out_channels=(8, 16),

@@ -25,14 +25,7 @@ from ddpm_plus.fast_sampling import FastSampler, fast_sample
 TAB = R.Tables(R.betas())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads of a small UNet stall on each
-    other's barriers (seen here: the same sampling call 0.17 s with 1 thread, 2-15 s with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MU = (0.3, -0.2)  # per-channel data mean and std of the Gaussian data
