@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .pipeline_ddpm_plus import is_class_conditional
+
 __all__ = ["estimate_analytic_moments", "gaussian_analytic_moments"]
 
 
@@ -39,12 +41,9 @@ def gaussian_analytic_moments(alphas_cumprod, s: float) -> np.ndarray:
 
 
 def _is_class_conditional(model) -> bool:
+    """A UNet2DModel (or any model with a diffusers config) that takes class labels."""
     config = getattr(model, "config", None)
-    if config is None:
-        return False
-    return (
-        getattr(config, "num_class_embeds", None) is not None or getattr(config, "class_embed_type", None) is not None
-    )
+    return config is not None and is_class_conditional(config)
 
 
 def _epsilon(scheduler, output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:

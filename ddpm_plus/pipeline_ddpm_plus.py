@@ -188,7 +188,7 @@ def check_sampling_inputs(
     shape = (batch_size, unet_config.in_channels, height, width)
     if latents is not None and tuple(latents.shape) != shape:
         raise ValueError(f"`latents` must have shape {shape}; got {tuple(latents.shape)}.")
-    conditional = unet_config.num_class_embeds is not None or unet_config.class_embed_type is not None
+    conditional = is_class_conditional(unet_config)
     if conditional and class_labels is None:
         raise ValueError("This UNet is class-conditional: pass `class_labels` (one label per image).")
     if not conditional and class_labels is not None:
@@ -205,6 +205,14 @@ class Conditioning(NamedTuple):
     id2label: dict[str, str] | None  # keys: the ids as strings (as JSON stores them)
     null_class_id: int | None
     class_dropout_prob: float | None
+
+
+def is_class_conditional(unet_config) -> bool:
+    """Whether a UNet with this config takes ``class_labels`` (a class embedding of any kind)."""
+    return (
+        getattr(unet_config, "num_class_embeds", None) is not None
+        or getattr(unet_config, "class_embed_type", None) is not None
+    )
 
 
 def _embeds_ids(unet_config) -> bool:
