@@ -621,9 +621,7 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
     def _lookup(self, timestep, prev_timestep=None, next_timestep=None, sequence=False) -> StepCoefficients:
         """numpy columns for 1-D ``timestep``: rows of a table, or the formula for explicit neighbours."""
         T = self.config.num_train_timesteps
-        t = _integral("timestep", _as_numpy("timestep", timestep))
-        if t.size and (t.min() < 0 or t.max() >= T):
-            raise ValueError(f"`timestep` values must be in [0, {T - 1}]; got range [{t.min()}, {t.max()}].")
+        t = self._timestep_values("timestep", timestep)
         if prev_timestep is None and next_timestep is None:
             return _rows(self._seq if sequence else self._full, t)
 
@@ -693,12 +691,17 @@ class DDPMPlusScheduler(SchedulerMixin, ConfigMixin):
             )
         _check_timestep_shape("timesteps", timesteps, x.shape[0])
         if not isinstance(timesteps, torch.Tensor) or timesteps.device.type == "cpu":
-            t = _integral("timesteps", _as_numpy("timesteps", timesteps))
-            T = self.config.num_train_timesteps
-            if t.size and (t.min() < 0 or t.max() >= T):
-                raise ValueError(f"`timesteps` values must be in [0, {T - 1}]; got range [{t.min()}, {t.max()}].")
+            self._timestep_values("timesteps", timesteps)
         elif timesteps.dtype == torch.bool or timesteps.is_complex():
             raise ValueError(f"`timesteps` must hold integer timesteps; got dtype {timesteps.dtype}.")
+
+    def _timestep_values(self, name: str, timesteps) -> np.ndarray:
+        """``timesteps`` as an int64 numpy array, checked to be integers in [0, T-1] (ValueError naming ``name``)."""
+        T = self.config.num_train_timesteps
+        t = _integral(name, _as_numpy(name, timesteps))
+        if t.size and (t.min() < 0 or t.max() >= T):
+            raise ValueError(f"`{name}` values must be in [0, {T - 1}]; got range [{t.min()}, {t.max()}].")
+        return t
 
     def _forward_coefficients(self, sample: torch.Tensor, timesteps):
         """(√ᾱ_t, √(1−ᾱ_t)) of the full table, gathered per element in the compute dtype on the device."""
