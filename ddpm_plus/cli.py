@@ -1,15 +1,18 @@
 """The ``ddpm-plus`` command line.
 
-``ddpm-plus evaluate PIPELINE_DIR_OR_REPO_ID`` reports, for a saved ddpm_plus/diffusers DDPM pipeline:
-- bits/dim of the exact variational bound on the bundled digits (held-out split by default, 17 levels);
-- a sample grid PNG;
-- the "digits Frechet distance (proxy, not FID)" of the samples against the digits train split, in the
-  features of a small classifier trained on that split, beside the same distance for held-out real digits
-  (the reference floor, same number of images);
-- optionally the literature FID, only with an Inception weights file supplied by the user (torch-fidelity).
-A class-conditional pipeline (classes the digits 0..9) is sampled class-balanced at ``--guidance_scale`` and
-also reports the share of samples the classifier assigns to the requested digit; its bound is -log p(x|c)
-with the held-out digits' own labels.
+``ddpm-plus evaluate PIPELINE_DIR_OR_REPO_ID`` evaluates a saved ddpm_plus/diffusers DDPM pipeline on a
+dataset: the bundled digits (default), a local image folder or a Hub dataset, converted to the model's
+channels and resolution exactly as the trainer converts them. ``--metrics`` chooses among
+- bpd: bits/dim of the exact variational bound, on the data's own grid (17 levels for the digits, 256 for
+  8-bit images);
+- fid, kid, precision_recall: torch-fidelity's inception-v3-compat features (``--inception_weights FILE``
+  offline);
+- fd_dinov2: the Frechet distance in DINOv2 features (transformers' Dinov2Model, ``--dinov2_model``).
+Default: bpd and fid; on the digits also the "digits Frechet distance (proxy, not FID)" in the features of a
+small classifier, beside its floor. The samples are quantised to uint8 once and every sample metric uses
+those images (``--save_samples DIR`` writes them as PNG). Reference statistics of the real images are cached
+(``ddpm-plus reference-stats`` precomputes them). A class-conditional pipeline is sampled class-balanced at
+``--guidance_scale``; its bound is -log p(x|c) with each image's own class.
 Results are printed as a table and written as JSON; ``--push_to_hub`` puts them into the model card.
 """
 
@@ -38,21 +41,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser(
         "evaluate",
-        help="bits/dim, samples and a Frechet-distance proxy of a saved pipeline on the bundled digits",
+        help="bits/dim, FID, KID, precision/recall and FD_DINOv2 of a saved pipeline on a dataset",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ev.add_argument("pipeline", metavar="PIPELINE_DIR_OR_REPO_ID")
     ev.add_argument(
-        "--split",
-        default="test",
-        choices=("test", "train", "all"),
-        help="digits split for bits/dim (default: the held-out 'test' split, 360 images)",
+        "--dataset",
+        default="digits",
+        help="'digits' (bundled, default), a local image folder (imagefolder) or a Hub dataset id",
     )
-    ev.add_argument("--num_bins", type=int, default=17, help="grid levels of the data (17 for the digits)")
+    ev.add_argument("--dataset_config", default=None, help="the Hub dataset's configuration name")
+    ev.add_argument("--split", default=None, help="dataset split (default: 'test' for the digits, 'train' otherwise)")
+    ev.add_argument("--image_column", default="image", help="image column of a Hub dataset or folder")
+    ev.add_argument(
+        "--label_column",
+        default="label",
+        help="class column, for the bound -log p(x|c) of a class-conditional pipeline (default: label)",
+    )
+    ev.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated, from bpd, fid, kid, precision_recall, fd_dinov2 (default: bpd,fid; "
+        "the digits Frechet proxy is always added on the digits)",
+    )
     ev.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample_size")
-    ev.add_argument("--max_images", type=int, default=None, help="evaluate bits/dim on the first N images only")
-    ev.add_argument("--num_samples", type=int, default=64, help="images to sample for the grid and the proxy")
+    ev.add_argument(
+        "--max_images",
+        type=int,
+        default=None,
+        help="use the first N images of the dataset only (bits/dim and reference statistics)",
+    )
+    ev.add_argument(
+        "--num_samples", type=int, default=64, help="images to sample (for the grid and every sample metric)"
+    )
     ev.add_argument("--inference_steps", type=int, default=100, help="denoising steps for sampling")
     ev.add_argument(
         "--guidance_scale",
@@ -81,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the digits classifier's safetensors weights are cached (default: ~/.cache/ddpm_plus)",
     )
+    from .sample_evaluation import add_metric_source_arguments
+
+    add_metric_source_arguments(ev)
     ev.add_argument(
-        "--inception_weights",
-        default=None,
-        metavar="PATH",
-        help="literature FID with this local Inception weights file (needs torch-fidelity; never downloads)",
+        "--save_samples", default=None, metavar="DIR", help="write the uint8 samples every metric used as PNG files"
     )
     ev.add_argument("--push_to_hub", action="store_true", help="write the results into the model card and push")
     ev.add_argument("--hub_model_id", default=None, help="repo to push to (default: the evaluated repo id)")
@@ -98,7 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no_progress", action="store_true", help="hide progress bars")
     _add_train_and_push_parsers(sub)
     _add_analytic_parser(sub)
+    _add_reference_stats_parser(sub)
     return parser
+
+
+def _add_reference_stats_parser(sub) -> None:
+    from .sample_evaluation import add_metric_source_arguments
+
+    rs = sub.add_parser(
+        "reference-stats",
+        help="precompute (and cache) a dataset's Inception/DINOv2 reference statistics for evaluate and training",
+    )
+    rs.add_argument("--dataset", default="digits", help="'digits', a local image folder or a Hub dataset id")
+    rs.add_argument("--dataset_config", default=None)
+    rs.add_argument("--split", default=None, help="default: 'test' for the digits, 'train' otherwise")
+    rs.add_argument("--image_column", default="image")
+    rs.add_argument("--resolution", type=int, required=True, help="the model's resolution")
+    rs.add_argument("--channels", type=int, default=3, choices=(1, 3), help="the model's channels")
+    rs.add_argument("--max_images", type=int, default=None)
+    rs.add_argument("--metrics", default="fid", help="which extractors: fid (Inception) and/or fd_dinov2")
+    rs.add_argument("--device", default=None)
+    rs.add_argument("--no_progress", action="store_true")
+    add_metric_source_arguments(rs)
 
 
 ANALYTIC_DESCRIPTION = """Estimate Analytic-DPM's moment table Γ_t = E‖ε_θ(x_t, t)‖²/d (Bao et al. 2022) of a saved
@@ -192,6 +235,8 @@ def _dispatch(argv: list[str]) -> int:
         _evaluate_without_leaking_the_token(args)
     if args.command == "analytic":
         analytic(args)
+    if args.command == "reference-stats":
+        reference_stats(args)
     return 0
 
 
@@ -207,10 +252,10 @@ def _evaluate_without_leaking_the_token(args) -> None:
         raise SystemExit(f"error: {redact(str(err), args.hub_token)}") from None
 
 
-def _check_args(args) -> None:
-    for name in ("num_bins",):
-        if getattr(args, name) < 2:
-            raise SystemExit(f"error: --{name} must be >= 2, got {getattr(args, name)}")
+def _check_args(args) -> tuple[str, ...]:
+    """Checks that need no model; returns the metrics to compute."""
+    from .sample_evaluation import parse_metrics
+
     for name in ("num_samples", "inference_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}")
@@ -218,18 +263,20 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {value}")
-    if args.num_samples < 2:
+    try:
+        metrics = parse_metrics(args.metrics)
+    except ValueError as err:
+        raise SystemExit(f"error: --metrics: {err}") from None
+    needs_two = args.dataset == "digits" or set(metrics) & {"fid", "kid", "fd_dinov2"}
+    if needs_two and args.num_samples < 2:
         raise SystemExit("error: --num_samples must be >= 2 (a Frechet distance needs a covariance)")
-    if args.inception_weights is not None:
-        if not Path(args.inception_weights).is_file():
-            raise SystemExit(f"error: --inception_weights {args.inception_weights!r} is not a file")
-        try:
-            import torch_fidelity  # noqa: F401
-        except ImportError:
-            raise SystemExit(
-                "error: --inception_weights needs torch-fidelity (pip install torch-fidelity); "
-                "ddpm-plus never downloads Inception weights"
-            ) from None
+    if "precision_recall" in metrics and args.num_samples < 4:
+        raise SystemExit("error: --num_samples must be >= 4 for precision_recall (3 nearest neighbours)")
+    for name in ("inception_weights", "reference_stats"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_file():
+            raise SystemExit(f"error: --{name} {value!r} is not a file")
+    return metrics
 
 
 def _respaced_timesteps(num_train: int, k: int) -> torch.Tensor:
@@ -242,51 +289,6 @@ def _respaced_timesteps(num_train: int, k: int) -> torch.Tensor:
     if k < 2 <= num_train:
         raise SystemExit("error: --timesteps_respaced needs K >= 2 (the bound's steps run from T-1 down to 0)")
     return torch.from_numpy(respace(num_train, k, timestep_spacing="linspace").timesteps)
-
-
-def _inception_fid(samples01: torch.Tensor, reals01: torch.Tensor, weights: str) -> float:
-    """Literature FID with torch-fidelity's Inception and a user-supplied weights file (no download)."""
-    import torch_fidelity
-
-    class _Images(torch.utils.data.Dataset):
-        def __init__(self, x):
-            x = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            self.x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
-
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_Images(samples01),
-        input2=_Images(reals01),
-        fid=True,
-        cuda=torch.cuda.is_available(),
-        feature_extractor_weights_path=weights,
-        verbose=False,
-    )
-    return float(metrics["frechet_inception_distance"])
-
-
-class _WithClassLabel(torch.nn.Module):
-    """``unet(x, t)`` of a class-conditional UNet with every image labelled ``class_id`` (for the bound)."""
-
-    def __init__(self, unet, class_id: int):
-        super().__init__()
-        self.unet, self.class_id = unet, class_id
-
-    @property
-    def device(self):
-        return self.unet.device
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    def forward(self, x, t):
-        return self.unet(x, t, class_labels=torch.full((x.shape[0],), self.class_id, device=x.device))
 
 
 def _digit_classes(conditioning) -> dict[int, int] | None:
@@ -305,103 +307,79 @@ def _digit_classes(conditioning) -> dict[int, int] | None:
     return {i: int(name) for i, name in digits.items()}
 
 
-def _conditional_bound(unet, scheduler, images, digits, id_of_digit, **kwargs) -> dict:
-    """vlb_terms of -log p(x | c) with each image's own class: one call per class, results in image order."""
-    from .likelihood import vlb_terms
-
-    out = None
-    for digit in sorted(set(digits.tolist())):
-        idx = torch.from_numpy(np.flatnonzero(digits == digit))
-        terms = vlb_terms(_WithClassLabel(unet, id_of_digit[digit]), scheduler, images[idx], **kwargs)
-        if out is None:
-            out = {k: terms[k] for k in ("timesteps", "decoder_index")}
-            out["terms_bpd"] = torch.zeros(len(images), terms["terms_bpd"].shape[1], dtype=torch.float64)
-            out["prior_bpd"] = torch.zeros(len(images), dtype=torch.float64)
-            out["total_bpd"] = torch.zeros(len(images), dtype=torch.float64)
-        for key in ("terms_bpd", "prior_bpd", "total_bpd"):
-            out[key][idx] = terms[key]
-    return out
-
-
 def _sampling_labels(pipe, args, device):
-    """(pipeline keywords for labels and guidance, requested digit per sample or None), checked before
+    """(pipeline keywords for labels and guidance, requested class id per sample or None), checked before
     anything runs: a conditional pipeline samples the classes in turn (class-balanced)."""
     from .pipeline_ddpm_plus import conditioning_of, guidance_labels
 
     conditioning = conditioning_of(pipe)
-    digit_of = _digit_classes(conditioning)
-    if digit_of is None:
+    if not conditioning.conditional:
         if args.guidance_scale != 1:
             raise SystemExit(f"error: --guidance_scale {args.guidance_scale} needs a class-conditional pipeline")
         return {}, None
-    ids = sorted(digit_of)
+    ids = sorted(_digit_classes(conditioning)) if args.dataset == "digits" else list(range(conditioning.num_classes))
     labels = [ids[i % len(ids)] for i in range(args.num_samples)]
     try:
         guidance_labels(conditioning, labels, args.num_samples, args.guidance_scale, device)
     except ValueError as err:
         raise SystemExit(f"error: --guidance_scale: {err}") from None
-    return {"class_labels": labels, "guidance_scale": args.guidance_scale}, [digit_of[i] for i in labels]
+    return {"class_labels": labels, "guidance_scale": args.guidance_scale}, labels
 
 
-def evaluate(args) -> dict:
-    """Run the evaluation described by parsed ``args``; returns the results dict (also written as JSON)."""
-    from diffusers import DiffusionPipeline
-
-    import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
-
-    from .data import digits_heldout_tensor, load_digits_arrays
-    from .evaluation import class_accuracy, classifier_features, frechet_distance, load_or_train_digits_classifier
-    from .likelihood import vlb_terms
-    from .pipeline_ddpm_plus import conditioning_of
-
-    _check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    local = Path(args.pipeline).is_dir()
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=args.no_progress)
-    unet, scheduler = pipe.unet.eval(), pipe.scheduler
-    sampling_kwargs, requested_digits = _sampling_labels(pipe, args, device)
+def _model_geometry(unet, args) -> tuple[int, int]:
     size = unet.config.sample_size
-    native = size if isinstance(size, int) else int(size[0])
     if not isinstance(size, int) and len(set(size)) != 1:
         raise SystemExit(f"error: only square UNets are supported, sample_size={size}")
-    resolution = args.resolution or native
-    channels = int(unet.config.in_channels)
-    out_dir = Path(
-        args.output_dir
-        or (Path(args.pipeline) / "evaluation" if local else f"evaluation-{args.pipeline.replace('/', '__')}")
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    native = size if isinstance(size, int) else int(size[0])
+    return args.resolution or native, int(unet.config.in_channels)
 
-    images = digits_heldout_tensor(resolution, channels, split=args.split)
-    heldout_digits = load_digits_arrays(args.split)[1]  # the same images, in the same order
-    if args.max_images is not None:
-        images, heldout_digits = images[: args.max_images], heldout_digits[: args.max_images]
+
+def _eval_images(args, resolution: int, channels: int, with_labels: bool):
+    """The real images of ``--dataset`` (with class ids for a conditional bound), or a clear error."""
+    from .sample_evaluation import load_eval_images
+
+    try:
+        return load_eval_images(
+            args.dataset,
+            resolution=resolution,
+            channels=channels,
+            split=args.split,
+            dataset_config=args.dataset_config,
+            image_column=args.image_column,
+            label_column=(args.label_column if with_labels and args.dataset != "digits" else None),
+            max_images=args.max_images,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: --dataset {args.dataset!r}: {err}") from None
+
+
+def _bound(args, unet, scheduler, reals, conditioning) -> dict:
+    """bits/dim of the exact variational bound on ``reals`` (-log p(x|c) with each image's class for a
+    conditional model), on the data's own grid."""
+    from .data import load_digits_arrays
+    from .likelihood import vlb_terms
+    from .sample_evaluation import conditional_vlb_terms
+
+    images = reals.images
     num_train = int(scheduler.config.num_train_timesteps)
     seq = None if args.timesteps_respaced is None else _respaced_timesteps(num_train, args.timesteps_respaced)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed)
-    bound_kwargs = dict(
-        timesteps=seq, num_bins=args.num_bins, generator=gen, batch_size=args.batch_size, progress=not args.no_progress
+    kwargs = dict(
+        timesteps=seq, num_bins=reals.num_bins, generator=gen, batch_size=args.batch_size, progress=not args.no_progress
     )
-    if requested_digits is None:
-        terms = vlb_terms(unet, scheduler, images, **bound_kwargs)
+    if not conditioning.conditional:
+        terms = vlb_terms(unet, scheduler, images, **kwargs)
+    elif reals.is_digits:
+        digits = load_digits_arrays(reals.key["split"])[1][: len(images)]  # the same images, in the same order
+        id_of_digit = {d: i for i, d in _digit_classes(conditioning).items()}
+        terms = conditional_vlb_terms(unet, scheduler, images, np.array([id_of_digit[d] for d in digits]), **kwargs)
     else:
-        id_of_digit = {d: i for i, d in _digit_classes(conditioning_of(pipe)).items()}
-        terms = _conditional_bound(unet, scheduler, images, heldout_digits, id_of_digit, **bound_kwargs)
-    bound_seconds = time.perf_counter() - t0
+        terms = conditional_vlb_terms(unet, scheduler, images, reals.labels, **kwargs)
     bpd = terms["total_bpd"]
     n = len(bpd)
     stderr = float(bpd.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    factor = dims_per_source_pixel(resolution, channels)
-    results = {
-        "pipeline": str(args.pipeline),
-        "dataset": f"bundled scikit-learn digits, split={args.split!r}",
-        "num_images": n,
-        "resolution": resolution,
-        "channels": channels,
-        "num_bins": args.num_bins,
+    out = {
         "bound_timesteps": "all" if seq is None else int(len(seq)),
         "num_train_timesteps": num_train,
         "variance_type": scheduler.config.variance_type,
@@ -410,21 +388,27 @@ def evaluate(args) -> dict:
         "bits_per_dim_stderr": stderr,
         "prior_bits_per_dim": float(terms["prior_bpd"].mean()),
         "decoder_bits_per_dim": float(terms["terms_bpd"][:, terms["decoder_index"]].mean()),
-        "bound_seconds": round(bound_seconds, 2),
+        "bound_seconds": round(time.perf_counter() - t0, 2),
         # the mean term of the bound per timestep (the decoder L_0 at timestep 0), bits/dim
         "terms_timesteps": terms["timesteps"].tolist(),
         "terms_bpd_mean": [round(v, 8) for v in terms["terms_bpd"].mean(0).tolist()],
     }
+    if conditioning.conditional:
+        out["bound_conditioning"] = "-log p(x|c), c = each image's own class"
+    factor = dims_per_source_pixel(images.shape[-1], images.shape[1]) if reals.is_digits else None
     if factor is not None:
         # Nearest upsampling and channel replication are injective: total nats are the same, spread over
         # C·(8k)² model dims instead of the 64 source pixels, so per source pixel = x C·k².
-        results["bits_per_source_pixel"] = float(bpd.mean()) * factor
-        results["bits_per_source_pixel_stderr"] = stderr * factor
-        results["comparable_to_8x8_baselines"] = "bits_per_source_pixel"
-    else:
-        results["comparable_to_8x8_baselines"] = None
+        out["bits_per_source_pixel"] = out["bits_per_dim"] * factor
+        out["bits_per_source_pixel_stderr"] = stderr * factor
+    out["comparable_to_8x8_baselines"] = "bits_per_source_pixel" if factor is not None else None
+    return out
 
-    # Samples, grid, and the classifier-feature Frechet distances.
+
+def _samples_uint8(pipe, args, device, sampling_kwargs) -> torch.Tensor:
+    """``--num_samples`` samples quantised to uint8 [N, C, H, W] once; every sample metric uses these."""
+    from .sample_metrics import quantize_uint8
+
     sample_gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
         # "np" (N, H, W, C in [0, 1]) is what both DDPMPlusPipeline and diffusers' DDPMPipeline return.
@@ -435,42 +419,115 @@ def evaluate(args) -> dict:
             output_type="np",
             **sampling_kwargs,
         ).images
-    samples01 = torch.from_numpy(np.asarray(samples, dtype=np.float32)).permute(0, 3, 1, 2)
-    grid_path = out_dir / "samples_grid.png"
-    image_grid(samples01).save(grid_path)
+    return quantize_uint8(torch.from_numpy(np.asarray(samples, dtype=np.float32)).permute(0, 3, 1, 2))
+
+
+def save_sample_pngs(samples_uint8: torch.Tensor, folder) -> Path:
+    """Write each uint8 sample [C, H, W] as ``folder/000000.png`` (grey for one channel)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(samples_uint8.cpu().numpy()):
+        Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def _digits_figures(args, samples_uint8, reals, requested, digit_of) -> dict:
+    """The digits Frechet proxy (and the class accuracy of a conditional model) of the uint8 samples."""
+    from .data import digits_heldout_tensor
+    from .evaluation import class_accuracy, classifier_features, frechet_distance, load_or_train_digits_classifier
+
     classifier, accuracy = load_or_train_digits_classifier(args.classifier_cache_dir)
     train_feats = classifier_features(classifier, digits_heldout_tensor(8, 1, split="train"))
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
-    reals = images[perm[: args.num_samples]]
-    results.update(
-        {
-            "num_samples": args.num_samples,
-            "inference_steps": args.inference_steps,
-            "sample_grid": str(grid_path),
-            "classifier_heldout_accuracy": accuracy,
-            "frechet_proxy_name": PROXY_NAME,
-            "frechet_proxy_samples_vs_train": frechet_distance(
-                classifier_features(classifier, samples01 * 2 - 1), train_feats
-            ),
-            "frechet_proxy_floor_heldout_vs_train": frechet_distance(
-                classifier_features(classifier, reals), train_feats
-            ),
-            "frechet_proxy_floor_num_images": int(len(reals)),
-        }
+    samples = samples_uint8.float() / 127.5 - 1
+    perm = torch.randperm(len(reals.images), generator=torch.Generator().manual_seed(args.seed))
+    floor_images = reals.images[perm[: args.num_samples]]
+    out = {
+        "classifier_heldout_accuracy": accuracy,
+        "frechet_proxy_name": PROXY_NAME,
+        "frechet_proxy_samples_vs_train": frechet_distance(classifier_features(classifier, samples), train_feats),
+        "frechet_proxy_floor_heldout_vs_train": frechet_distance(
+            classifier_features(classifier, floor_images), train_feats
+        ),
+        "frechet_proxy_floor_num_images": int(len(floor_images)),
+    }
+    if requested is not None:
+        out["sample_class_accuracy"] = class_accuracy(classifier, samples, [digit_of[i] for i in requested])
+    return out
+
+
+def evaluate(args) -> dict:
+    """Run the evaluation described by parsed ``args``; returns the results dict (also written as JSON)."""
+    from diffusers import DiffusionPipeline
+
+    import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
+
+    from .pipeline_ddpm_plus import conditioning_of
+    from .sample_evaluation import FeatureExtractors, compute_sample_metrics
+    from .sample_metrics import MetricsSetupError
+
+    metrics = _check_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local = Path(args.pipeline).is_dir()
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    unet, scheduler = pipe.unet.eval(), pipe.scheduler
+    conditioning = conditioning_of(pipe)
+    sampling_kwargs, requested = _sampling_labels(pipe, args, device)
+    resolution, channels = _model_geometry(unet, args)
+    try:
+        extractors = FeatureExtractors.for_metrics(
+            metrics,
+            inception_weights=args.inception_weights,
+            dinov2_model=args.dinov2_model,
+            device=device,
+            progress=not args.no_progress,
+            cache_dir=args.stats_cache_dir,
+            reference_stats_file=args.reference_stats,
+        )
+    except (MetricsSetupError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    reals = _eval_images(args, resolution, channels, with_labels=conditioning.conditional and "bpd" in metrics)
+    out_dir = Path(
+        args.output_dir
+        or (Path(args.pipeline) / "evaluation" if local else f"evaluation-{args.pipeline.replace('/', '__')}")
     )
-    if requested_digits is not None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "pipeline": str(args.pipeline),
+        "dataset": reals.description,
+        "dataset_key": reals.key,
+        "metrics": list(metrics),
+        "num_images": len(reals.images),
+        "resolution": resolution,
+        "channels": channels,
+        "num_bins": reals.num_bins,
+    }
+    if "bpd" in metrics:
+        results.update(_bound(args, unet, scheduler, reals, conditioning))
+    samples = _samples_uint8(pipe, args, device, sampling_kwargs)
+    grid_path = out_dir / "samples_grid.png"
+    image_grid(samples.float() / 255).save(grid_path)
+    results.update({"num_samples": args.num_samples, "inference_steps": args.inference_steps})
+    results["sample_grid"] = str(grid_path)
+    if args.save_samples:
+        results["samples_dir"] = str(save_sample_pngs(samples, args.save_samples))
+    try:
+        results.update(compute_sample_metrics(samples, reals, metrics, extractors))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if reals.is_digits:
+        results.update(_digits_figures(args, samples, reals, requested, _digit_classes(conditioning)))
+    if requested is not None:
         results.update(
             {
                 "class_conditional": True,
-                "bound_conditioning": "-log p(x|c), c = each held-out image's own digit",
                 "guidance_scale": args.guidance_scale,
                 "sampling": "class-balanced (the classes in turn)",
-                "sample_class_accuracy": class_accuracy(classifier, samples01 * 2 - 1, requested_digits),
             }
         )
-    if args.inception_weights is not None:
-        results["fid_inception"] = _inception_fid(samples01, (reals + 1) / 2, args.inception_weights)
-
     json_path = Path(args.json) if args.json else out_dir / "eval_results.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -580,69 +637,100 @@ def analytic(args) -> dict:
     return results
 
 
+def reference_stats(args) -> dict:
+    """``ddpm-plus reference-stats``: compute (or find) the cached reference statistics and print their paths."""
+    from .sample_evaluation import FeatureExtractors, load_eval_images, parse_metrics
+    from .sample_metrics import MetricsSetupError
+
+    try:
+        metrics = parse_metrics(args.metrics)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        extractors = FeatureExtractors.for_metrics(
+            metrics,
+            inception_weights=args.inception_weights,
+            dinov2_model=args.dinov2_model,
+            device=device,
+            progress=not args.no_progress,
+            cache_dir=args.stats_cache_dir,
+        )
+        reals = load_eval_images(
+            args.dataset,
+            resolution=args.resolution,
+            channels=args.channels,
+            split=args.split,
+            dataset_config=args.dataset_config,
+            image_column=args.image_column,
+            max_images=args.max_images,
+        )
+    except (MetricsSetupError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    paths = {}
+    if extractors.inception is not None:
+        paths["inception"] = extractors.reference("inception", reals, need_features=True)[1]
+    if extractors.dinov2 is not None:
+        paths["dinov2"] = extractors.reference("dinov2", reals, need_features=False)[1]
+    for which, path in paths.items():
+        print(f"{which} reference statistics of {len(reals.images)} images ({reals.description}): {path}")
+    return paths
+
+
 def dims_per_source_pixel(resolution: int, channels: int) -> int | None:
     """Model dimensions per pixel of a source 8x8 greyscale digit: C·k² when the digits were nearest-upsampled
     by k = resolution / 8 and replicated to C channels, None when resolution is not a multiple of 8."""
     return channels * (resolution // 8) ** 2 if resolution % 8 == 0 else None
 
 
-def card_metrics(results: dict) -> dict:
-    """The figures that go into the model card's Evaluation table."""
-    where = (
-        f"digits {results['dataset'].split('split=')[-1]}, {results['num_images']} images, {results['num_bins']} levels"
-    )
-    rows = {f"bits/dim ({where})": f"{results['bits_per_dim']:.4f} ± {results['bits_per_dim_stderr']:.4f}"}
-    if "bits_per_source_pixel" in results:
-        rows["bits per source 8x8 pixel"] = f"{results['bits_per_source_pixel']:.4f}"
-    if "sample_class_accuracy" in results:
-        rows[f"samples classified as the requested digit (w = {results['guidance_scale']:g})"] = round(
-            results["sample_class_accuracy"], 4
+def _metric_rows(results: dict) -> list[tuple[str, str]]:
+    """(label, value) of each figure in ``results``; Frechet figures carry their sample count (FID@5k)."""
+    from .sample_evaluation import frechet_label
+
+    n = results.get("num_samples", 0)
+    rows = []
+    if "bits_per_dim" in results:
+        where = f"{results['num_images']} images, {results['num_bins']} levels"
+        bpd = f"{results['bits_per_dim']:.4f} ± {results['bits_per_dim_stderr']:.4f}"
+        rows.append((f"bits/dim ({where})", bpd))
+        if "bits_per_source_pixel" in results:
+            rows.append(("bits per source 8x8 pixel (compare to baselines)", f"{results['bits_per_source_pixel']:.4f}"))
+        prior, decoder = results["prior_bits_per_dim"], results["decoder_bits_per_dim"]
+        rows.append(("  prior L_T / decoder L_0", f"{prior:.5f} / {decoder:.4f}"))
+    n_ref = results.get("num_reference")
+    if "fid" in results:
+        rows.append((frechet_label("FID", n), f"{results['fid']:.3f} (reference: {n_ref} images)"))
+    if "kid_mean" in results:
+        rows.append((f"KID ({n} samples)", f"{results['kid_mean']:.5f} ± {results['kid_std']:.5f}"))
+    if "precision" in results:
+        rows.append((f"precision / recall ({n} samples)", f"{results['precision']:.4f} / {results['recall']:.4f}"))
+    if "fd_dinov2" in results:
+        rows.append((frechet_label("FD_DINOv2", n), f"{results['fd_dinov2']:.3f} (reference: {n_ref} images)"))
+    if "frechet_proxy_samples_vs_train" in results:
+        rows.append((PROXY_NAME, f"{results['frechet_proxy_samples_vs_train']:.3f} ({n} samples)"))
+        floor = results["frechet_proxy_floor_heldout_vs_train"]
+        rows.append(
+            ("  floor: held-out real vs train", f"{floor:.3f} ({results['frechet_proxy_floor_num_images']} images)")
         )
-        rows["classifier accuracy on held-out real digits"] = round(results["classifier_heldout_accuracy"], 4)
-    rows[f"{PROXY_NAME}, {results['num_samples']} samples"] = round(results["frechet_proxy_samples_vs_train"], 3)
-    rows["same, held-out real digits (floor)"] = round(results["frechet_proxy_floor_heldout_vs_train"], 3)
-    if "fid_inception" in results:
-        rows["FID (Inception, user-supplied weights)"] = round(results["fid_inception"], 3)
+        rows.append(("classifier held-out accuracy", f"{results['classifier_heldout_accuracy']:.4f}"))
+    if "sample_class_accuracy" in results:
+        label = f"samples classified as the requested digit (w = {results['guidance_scale']:g})"
+        rows.append((label, f"{results['sample_class_accuracy']:.4f}"))
     return rows
 
 
+def card_metrics(results: dict) -> dict:
+    """The figures that go into the model card's Evaluation table."""
+    return {"dataset": results["dataset"], **dict(_metric_rows(results))}
+
+
 def format_table(results: dict) -> str:
-    rows = [
-        ("bits/dim (model dims)", f"{results['bits_per_dim']:.4f} ± {results['bits_per_dim_stderr']:.4f}"),
-    ]
-    if "bits_per_source_pixel" in results:
-        rows.append(
-            (
-                "bits/dim per source 8x8 pixel (compare to baselines)",
-                f"{results['bits_per_source_pixel']:.4f} ± {results['bits_per_source_pixel_stderr']:.4f}",
-            )
-        )
-    rows += [
-        ("  prior L_T / decoder L_0", f"{results['prior_bits_per_dim']:.5f} / {results['decoder_bits_per_dim']:.4f}"),
-        (
-            "images / bins / timesteps",
-            f"{results['num_images']} / {results['num_bins']} / {results['bound_timesteps']}",
-        ),
-        (f"{PROXY_NAME}", f"{results['frechet_proxy_samples_vs_train']:.3f} ({results['num_samples']} samples)"),
-        (
-            "  floor: held-out real vs train",
-            f"{results['frechet_proxy_floor_heldout_vs_train']:.3f} "
-            f"({results['frechet_proxy_floor_num_images']} images)",
-        ),
-        ("classifier held-out accuracy", f"{results['classifier_heldout_accuracy']:.4f}"),
-    ]
-    if "sample_class_accuracy" in results:
-        rows.append(
-            (
-                f"samples classified as requested (w = {results['guidance_scale']:g})",
-                f"{results['sample_class_accuracy']:.4f}",
-            )
-        )
-    if "fid_inception" in results:
-        rows.append(("FID (Inception, user-supplied weights)", f"{results['fid_inception']:.3f}"))
+    from .sample_evaluation import SMALL_N, SMALL_N_WARNING
+
+    rows = [("dataset", results["dataset"]), *_metric_rows(results)]
     rows += [("sample grid", results["sample_grid"]), ("json", results.get("json", ""))]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    table = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    if ("fid" in results or "fd_dinov2" in results) and results["num_samples"] < SMALL_N:
+        table += f"\nwarning: {SMALL_N_WARNING} (n = {results['num_samples']})"
+    return table
 
 
 def _push(args, results: dict, local: bool) -> None:
@@ -663,7 +751,11 @@ def _push(args, results: dict, local: bool) -> None:
         )
     if not (source / "README.md").is_file():
         hub.write_model_card(source)
-    hub.set_card_evaluation(source, card_metrics(results))
+    from .sample_evaluation import model_index_entries
+
+    hub.set_card_evaluation(
+        source, card_metrics(results), model_index=model_index_entries(results, results["dataset_key"])
+    )
     hub.push_output_dir(
         source,
         repo_id,

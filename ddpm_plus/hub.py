@@ -236,9 +236,38 @@ def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, 
     return path
 
 
-def set_card_evaluation(output_dir: str | os.PathLike, eval_results: Mapping[str, float]) -> Path:
+MODEL_INDEX_REQUIRED = ("type", "name", "value", "dataset_name", "dataset_type")
+
+
+def _eval_result(entry: Mapping[str, Any]):
+    """One ``model-index`` entry (see :func:`set_card_evaluation`) as huggingface_hub's ``EvalResult``."""
+    from huggingface_hub import EvalResult
+
+    for name in MODEL_INDEX_REQUIRED:
+        if entry.get(name) in (None, ""):
+            raise ValueError(f"model_index entry {dict(entry)!r} lacks {name!r}")
+    value = entry["value"]
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"model_index entry {entry['name']!r}: value must be a finite number, got {value!r}")
+    return EvalResult(
+        task_type="unconditional-image-generation",
+        task_name="Image generation",
+        dataset_type=str(entry["dataset_type"]),
+        dataset_name=str(entry["dataset_name"]),
+        dataset_split=entry.get("dataset_split"),
+        dataset_config=entry.get("dataset_config"),
+        metric_type=str(entry["type"]),
+        metric_name=str(entry["name"]),
+        metric_value=float(value),
+        metric_args={k: v for k, v in (entry.get("args") or {}).items() if v is not None} or None,
+    )
+
+
+def set_card_evaluation(output_dir: str | os.PathLike, eval_results: Mapping[str, float], *, model_index=None) -> Path:
     """Replace the Evaluation section of ``output_dir/README.md`` with a table of ``eval_results``
-    (e.g. from ``ddpm-plus evaluate``), keeping the rest of the card."""
+    (e.g. from ``ddpm-plus evaluate``), keeping the rest of the card. ``model_index`` (entries with
+    ``type``, ``name``, ``value``, ``dataset_name``, ``dataset_type`` and optionally ``dataset_split``,
+    ``dataset_config``, ``args``) also replaces the card's Hub ``model-index`` results, so the Hub shows them."""
     path = Path(output_dir) / "README.md"
     text = path.read_text(encoding="utf-8")
     start = text.find("\n## Evaluation\n")
@@ -247,7 +276,12 @@ def set_card_evaluation(output_dir: str | os.PathLike, eval_results: Mapping[str
     end = text.find("\n## ", start + 1)
     table = _table(dict(eval_results), ("metric", "value"))
     text = text[:start] + f"\n## Evaluation\n\n{table}\n" + (text[end:] if end >= 0 else "")
-    ModelCard(text, ignore_metadata_errors=False)
+    card = ModelCard(text, ignore_metadata_errors=False)
+    if model_index is not None:
+        card.data.eval_results = [_eval_result(e) for e in model_index] or None
+        card.data.model_name = card.data.model_name or Path(output_dir).resolve().name
+        text = str(card)
+        ModelCard(text, ignore_metadata_errors=False)
     path.write_text(text, encoding="utf-8")
     return path
 

@@ -51,6 +51,7 @@ from ddpm_plus.preemption import GracefulStop, TrainingInterrupted
 from ddpm_plus.scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES
 from ddpm_plus.training_args import build_scheduler, parse_args
 from ddpm_plus.training_data import build_dataloader, derive_seed, uses_digits
+from ddpm_plus.training_evaluation import PeriodicEvaluation
 
 __all__ = ["main", "train", "training_step", "NonFiniteLossError", "TrainingInterrupted"]
 
@@ -260,6 +261,7 @@ class TrainingRun:
     start_step: int = 0
     last_grid: Path | None = None
     checkpoint_pushes: list = field(default_factory=list)
+    evaluation: PeriodicEvaluation | None = None  # --eval_steps, main process only
 
     @property
     def output_dir(self) -> Path:
@@ -360,6 +362,7 @@ def prepare(args) -> TrainingRun:
                 "steps_per_epoch": steps_per_epoch, "seed": args.seed,
                 **({"num_classes": len(id2label), "class_dropout_prob": args.class_dropout_prob} if id2label else {})},
         conditioning=conditioning,
+        evaluation=PeriodicEvaluation.setup(args, accelerator.device) if accelerator.is_main_process else None,
     )  # fmt: skip
     resume(run)
     if args.logger != "none":
@@ -667,6 +670,26 @@ def maybe_save_samples(run: TrainingRun, meter: TrainingMeter, step: int, done: 
     run.accelerator.wait_for_everyone()
 
 
+def maybe_evaluate(run: TrainingRun, meter: TrainingMeter, step: int, done: bool) -> None:
+    """Every ``--eval_steps`` (0: never) and at the end: the EMA weights' metrics, logged as ``eval/...``."""
+    every = run.args.eval_steps
+    if not every or (step % every and not done):
+        return
+    meter.check_finite()
+    if run.accelerator.is_main_process:
+        devices = [run.model.device.index or 0] if run.model.device.type == "cuda" else []
+        with ema_weights(run.ema, run.model), torch.random.fork_rng(devices=devices), torch.no_grad():
+            run.model.eval()
+            try:
+                logs = run.evaluation.evaluate(
+                    run.args, make_pipeline(run.model, run.noise_scheduler, run.conditioning), step
+                )
+            finally:
+                run.model.train()
+        run.accelerator.log(logs, step=step)
+    run.accelerator.wait_for_everyone()
+
+
 def finish(run: TrainingRun, meter: TrainingMeter, step: int) -> dict:
     """The final pipeline and model card (main process), the end of tracking, and the push if asked."""
     meter.progress.close()
@@ -685,6 +708,10 @@ def finish(run: TrainingRun, meter: TrainingMeter, step: int) -> dict:
     if accelerator.is_main_process:
         save_final_pipeline(args, run.model, run.ema, run.noise_scheduler, run.conditioning)
         write_card(args, summary, accelerator.num_processes, run.conditioning)
+        if run.evaluation is not None and run.evaluation.last:
+            rows, model_index = run.evaluation.card()
+            hub.set_card_evaluation(args.output_dir, rows, model_index=model_index)
+            summary["evaluation"] = run.evaluation.last
         logger.info("saved the pipeline and model card to %s: %s", run.output_dir, summary)
     accelerator.end_training()
     if accelerator.is_main_process and args.push_to_hub:
@@ -730,7 +757,7 @@ def _train(args, stop: GracefulStop) -> dict:
         with meter.paused():  # throughput excludes checkpoints and grids
             maybe_checkpoint(run, meter, step, done)
             maybe_save_samples(run, meter, step, done)
-            # periodic evaluation, when it comes, is one more call here
+            maybe_evaluate(run, meter, step, done)
         if not done and (signum := stop.requested(run.accelerator)):
             stop_on_signal(run, meter, step, signum)
         if done:

@@ -34,6 +34,7 @@ from ddpm_plus.scheduling_ddpm_plus import (  # the scheduler's own lists of all
     VARIANCE_TYPES,
     DDPMPlusScheduler,
 )
+from ddpm_plus.training_evaluation import add_eval_arguments, check_eval_arguments
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownsampleBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnUpsampleBlock2D")
@@ -108,6 +109,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _add_optimisation_flags(p)
     _add_ema_flags(p)
     _add_outputs_flags(p)
+    add_eval_arguments(p)
     _add_hub_flags(p)
     return p
 
@@ -465,6 +467,7 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--resume_from_checkpoint must be 'latest' or a checkpoint directory, got {args.resume_from_checkpoint}",
         )
     _validate_conditioning(args)
+    check_eval_arguments(args)
     _check(not args.push_checkpoints or args.push_to_hub, "--push_checkpoints needs --push_to_hub")
     _check(not args.push_to_hub or args.hub_model_id, "--push_to_hub needs --hub_model_id (e.g. your-name/ddpm-digits)")
 

@@ -102,3 +102,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A weights file for torch-fidelity's inception-v3-compat network with random (seeded) weights: the
+    real file is a download, and tests compare computations on the same weights, not published values."""
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    original_load, original_url = fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state_dict, *a, **k: None
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url = original_load, original_url
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory):
+    """A tiny random ``Dinov2Model`` saved with ``save_pretrained`` (safetensors), as a local --dinov2_model."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=224, patch_size=56
+    )
+    path = tmp_path_factory.mktemp("dinov2")
+    Dinov2Model(config).save_pretrained(path)
+    return path

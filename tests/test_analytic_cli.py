@@ -68,7 +68,18 @@ def test_evaluate_respaced_bound_uses_the_analytic_variance(tiny_pipeline, tmp_p
     out = tmp_path / "analytic"
     cli.main(["analytic", str(tiny_pipeline), "--num_images", "32", "--output_dir", str(out), "--no_progress"])
     res_path = tmp_path / "r.json"
-    argv = ["evaluate", str(out), "--max_images", "6", "--num_samples", "4", "--inference_steps", "3"]
+    argv = [
+        "evaluate",
+        str(out),
+        "--metrics",
+        "bpd",
+        "--max_images",
+        "6",
+        "--num_samples",
+        "4",
+        "--inference_steps",
+        "3",
+    ]
     argv += ["--timesteps_respaced", "5", "--json", str(res_path), "--output_dir", str(tmp_path / "ev")]
     argv += ["--classifier_cache_dir", str(tmp_path / "cls"), "--no_progress"]
     assert cli.main(argv) == 0

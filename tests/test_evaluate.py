@@ -130,6 +130,8 @@ def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path,
     argv = [
         "evaluate",
         str(tiny_pipeline),
+        "--metrics",
+        "bpd",
         "--max_images",
         "6",
         "--num_samples",
@@ -194,6 +196,8 @@ def test_evaluate_rgb_bits_per_source_pixel_counts_the_channels(classifier_cache
     argv = [
         "evaluate",
         str(path),
+        "--metrics",
+        "bpd",
         "--max_images",
         "3",
         "--num_samples",
@@ -254,6 +258,8 @@ def test_evaluate_hub_token_is_warned_about_and_never_printed(
     argv = [
         "evaluate",
         str(tiny_pipeline),
+        "--metrics",
+        "bpd",
         "--max_images",
         "2",
         "--num_samples",

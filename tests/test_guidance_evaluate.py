@@ -9,10 +9,11 @@ import torch
 from diffusers import UNet2DModel
 
 import ddpm_plus  # noqa: F401
-from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, cli
+from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, cli, sample_evaluation
 from ddpm_plus.data import digits_heldout_tensor, load_digits_arrays
 from ddpm_plus.evaluation import class_accuracy, classify, load_or_train_digits_classifier
 from ddpm_plus.likelihood import vlb_terms
+from ddpm_plus.sample_evaluation import _WithClassLabel, conditional_vlb_terms
 
 
 def _save(path, num_classes=10, dropout=0.1, names=None):
@@ -39,7 +40,7 @@ def cache(tmp_path_factory):
 
 def _argv(pipe, cache, tmp_path, *extra):
     return [
-        "evaluate", str(pipe), "--max_images", "12", "--num_samples", "20", "--inference_steps", "2",
+        "evaluate", str(pipe), "--metrics", "bpd", "--max_images", "12", "--num_samples", "20", "--inference_steps", "2",
         "--timesteps_respaced", "3", "--classifier_cache_dir", str(cache), "--json", str(tmp_path / "r.json"),
         "--output_dir", str(tmp_path / "out"), "--no_progress", *extra,
     ]  # fmt: skip
@@ -62,21 +63,22 @@ def test_conditional_evaluate_is_class_balanced_guided_and_conditions_the_bound(
     assert seen["class_labels"] == [i % 10 for i in range(20)] and seen["guidance_scale"] == 2.5
     assert res["guidance_scale"] == 2.5 and res["class_conditional"] is True
     classifier, _ = load_or_train_digits_classifier(cache)
-    samples = torch.from_numpy(seen["images"]).permute(0, 3, 1, 2) * 2 - 1
+    # every sample metric is computed on the uint8 samples (quantised once)
+    samples = (torch.from_numpy(seen["images"]).permute(0, 3, 1, 2) * 255).round() / 127.5 - 1
     assert res["sample_class_accuracy"] == class_accuracy(classifier, samples, [i % 10 for i in range(20)])
 
     # the bound: each held-out image with its own digit (one vlb_terms call per class, same figure)
     pipe = DDPMPlusPipeline.from_pretrained(pipe_dir)
     images, digits = digits_heldout_tensor(8, 1)[:12], load_digits_arrays("test")[1][:12]
     assert len(set(digits.tolist())) > 1
-    direct = cli._conditional_bound(
-        pipe.unet, pipe.scheduler, images, digits, {d: d for d in range(10)}, timesteps=cli._respaced_timesteps(20, 3),
+    direct = conditional_vlb_terms(
+        pipe.unet, pipe.scheduler, images, digits, timesteps=cli._respaced_timesteps(20, 3),
         num_bins=17, generator=torch.Generator().manual_seed(0), batch_size=256, progress=False,
     )["total_bpd"]  # fmt: skip
     assert res["bits_per_dim"] == pytest.approx(float(direct.mean()), rel=1e-9)
     one = digits == digits.min()  # the first class evaluated: it gets the generator's first draws
     alone = vlb_terms(
-        cli._WithClassLabel(pipe.unet, int(digits.min())), pipe.scheduler, images[one],
+        _WithClassLabel(pipe.unet, int(digits.min())), pipe.scheduler, images[one],
         timesteps=cli._respaced_timesteps(20, 3), num_bins=17, generator=torch.Generator().manual_seed(0), progress=False,
     )["total_bpd"]  # fmt: skip
     torch.testing.assert_close(direct[one], alone)
@@ -103,6 +105,6 @@ def test_class_accuracy_counts_the_requested_digit(cache):
     ],
 )
 def test_conditional_evaluate_errors_come_before_the_bound(tmp_path, cache, kwargs, extra, match, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_conditional_bound", lambda *a, **k: pytest.fail("the bound ran"))
+    monkeypatch.setattr(sample_evaluation, "conditional_vlb_terms", lambda *a, **k: pytest.fail("the bound ran"))
     with pytest.raises(SystemExit, match=match):
         cli.main(_argv(_save(tmp_path / "pipe", **kwargs), cache, tmp_path, *extra))
