@@ -155,14 +155,9 @@ def class_accuracy(model: DigitsClassifier, images: torch.Tensor, digits) -> flo
 
 
 def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussian fits (float64)."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussian fits of two feature sets (float64)."""
+    from .sample_metrics import frechet_distance_from_stats, gaussian_stats
+
     if len(feats1) < 2 or len(feats2) < 2:
         raise ValueError("the Frechet distance needs at least 2 samples on each side")
-    mu1, mu2 = feats1.mean(0), feats2.mean(0)
-    s1, s2 = np.atleast_2d(np.cov(feats1, rowvar=False)), np.atleast_2d(np.cov(feats2, rowvar=False))
-    # Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))): symmetric PSD, robust when S1 or S2 is singular
-    # (fewer samples than feature dimensions), unlike a general matrix square root.
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0.0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    return frechet_distance_from_stats(*gaussian_stats(feats1), *gaussian_stats(feats2))
