@@ -478,15 +478,7 @@ def evaluate(args) -> dict:
     sampling_kwargs, requested = _sampling_labels(pipe, args, device)
     resolution, channels = _model_geometry(unet, args)
     try:
-        extractors = FeatureExtractors.for_metrics(
-            metrics,
-            inception_weights=args.inception_weights,
-            dinov2_model=args.dinov2_model,
-            device=device,
-            progress=not args.no_progress,
-            cache_dir=args.stats_cache_dir,
-            reference_stats_file=args.reference_stats,
-        )
+        extractors = FeatureExtractors.from_args(metrics, args, device, progress=not args.no_progress)
     except (MetricsSetupError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     reals = _eval_images(args, resolution, channels, with_labels=conditioning.conditional and "bpd" in metrics)
@@ -645,14 +637,7 @@ def reference_stats(args) -> dict:
     try:
         metrics = parse_metrics(args.metrics)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        extractors = FeatureExtractors.for_metrics(
-            metrics,
-            inception_weights=args.inception_weights,
-            dinov2_model=args.dinov2_model,
-            device=device,
-            progress=not args.no_progress,
-            cache_dir=args.stats_cache_dir,
-        )
+        extractors = FeatureExtractors.from_args(metrics, args, device, progress=not args.no_progress)
         reals = load_eval_images(
             args.dataset,
             resolution=args.resolution,

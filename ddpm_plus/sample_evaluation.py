@@ -161,6 +161,19 @@ class FeatureExtractors:
             sm.ReferenceStats.load(reference_stats_file)  # a corrupt file is an error now, not after sampling
         return cls(inception, dinov2, cache_dir, reference_stats_file)
 
+    @classmethod
+    def from_args(cls, metrics: Iterable[str], args, device, progress: bool) -> FeatureExtractors:
+        """:meth:`for_metrics` with the flags of :func:`add_metric_source_arguments`."""
+        return cls.for_metrics(
+            metrics,
+            inception_weights=args.inception_weights,
+            dinov2_model=args.dinov2_model,
+            device=device,
+            progress=progress,
+            cache_dir=args.stats_cache_dir,
+            reference_stats_file=args.reference_stats,
+        )
+
     def reference(self, which: str, reals: EvalImages, need_features: bool) -> tuple[sm.ReferenceStats, str]:
         """Reference statistics of ``reals`` in ``which`` ("inception" | "dinov2") features, cached on disk
         per (dataset, config, split, resolution, channels, extractor, weights hash) and in memory per run."""

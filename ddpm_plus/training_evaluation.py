@@ -83,14 +83,7 @@ class PeriodicEvaluation:
         if not args.eval_steps:
             return None
         metrics = check_eval_arguments(args)
-        extractors = FeatureExtractors.for_metrics(
-            metrics,
-            inception_weights=args.inception_weights,
-            dinov2_model=args.dinov2_model,
-            device=device,
-            cache_dir=args.stats_cache_dir,
-            reference_stats_file=args.reference_stats,
-        )
+        extractors = FeatureExtractors.from_args(metrics, args, device, progress=False)
         dataset = args.dataset_name or args.train_data_dir or "digits"
         reals = load_eval_images(
             dataset,
