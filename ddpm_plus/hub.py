@@ -14,7 +14,7 @@ import math
 import os
 import platform
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
@@ -243,12 +243,14 @@ def _eval_result(entry: Mapping[str, Any]):
     """One ``model-index`` entry (see :func:`set_card_evaluation`) as huggingface_hub's ``EvalResult``."""
     from huggingface_hub import EvalResult
 
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"model_index entry {entry!r} is not a mapping")
     for name in MODEL_INDEX_REQUIRED:
         if entry.get(name) in (None, ""):
             raise ValueError(f"model_index entry {dict(entry)!r} lacks {name!r}")
     value = entry["value"]
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"model_index entry {entry['name']!r}: value must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"model_index entry {dict(entry)!r}: 'value' must be a finite number, got {value!r}")
     return EvalResult(
         task_type="unconditional-image-generation",
         task_name="Image generation",
@@ -263,7 +265,12 @@ def _eval_result(entry: Mapping[str, Any]):
     )
 
 
-def set_card_evaluation(output_dir: str | os.PathLike, eval_results: Mapping[str, float], *, model_index=None) -> Path:
+def set_card_evaluation(
+    output_dir: str | os.PathLike,
+    eval_results: Mapping[str, float],
+    *,
+    model_index: Sequence[Mapping[str, Any]] | None = None,
+) -> Path:
     """Replace the Evaluation section of ``output_dir/README.md`` with a table of ``eval_results``
     (e.g. from ``ddpm-plus evaluate``), keeping the rest of the card. ``model_index`` (entries with
     ``type``, ``name``, ``value``, ``dataset_name``, ``dataset_type`` and optionally ``dataset_split``,
@@ -278,8 +285,12 @@ def set_card_evaluation(output_dir: str | os.PathLike, eval_results: Mapping[str
     text = text[:start] + f"\n## Evaluation\n\n{table}\n" + (text[end:] if end >= 0 else "")
     card = ModelCard(text, ignore_metadata_errors=False)
     if model_index is not None:
-        card.data.eval_results = [_eval_result(e) for e in model_index] or None
-        card.data.model_name = card.data.model_name or Path(output_dir).resolve().name
+        results = [_eval_result(e) for e in model_index]  # all validated before anything is written
+        if results:
+            card.data.model_name = card.data.model_name or Path(output_dir).resolve().name
+        elif card.data.eval_results:  # the name only came from the model-index being dropped
+            card.data.model_name = None
+        card.data.eval_results = results or None
         text = str(card)
         ModelCard(text, ignore_metadata_errors=False)
     path.write_text(text, encoding="utf-8")
