@@ -1,5 +1,5 @@
 """Sampling benchmark: ms per denoising step and images/s of the full 1000-step chain, diffusers'
-DDPMPipeline (fp32, the stock way) against DDPMPlusPipeline and ddpm_plus.fast_sampling.FastSampler with
+DDPMPipeline (fp32, the stock way) against DDPMPlusPipeline and ddpm_plus.pipelines.fast_sampling.FastSampler with
 each fast path, the same UNet weights, interleaved in one process. Also, on CUDA: a host-sync check of
 the fast loop (torch.cuda.set_sync_debug_mode('error')) and a bf16-vs-fp32 statistics check."""
 
@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
-from ddpm_plus.fast_sampling import FastSampler
+from ddpm_plus.pipelines.fast_sampling import FastSampler
 
 from . import models
 from .timing import interleaved, summary

@@ -1,4 +1,4 @@
-"""Training benchmark: images/s of the trainer's own ``ddpm_plus.train.training_step`` (imported, not copied)
+"""Training benchmark: images/s of the trainer's own ``ddpm_plus.trainer.loop.training_step`` (imported, not copied)
 on the trainer's own UNet (``build_unet``), optimizer (``build_optimizer``), scheduler and accelerator, against a loop doing exactly what
 diffusers' examples/unconditional_image_generation/train_unconditional.py does per step with
 ``--mixed_precision fp16`` (on the CPU: its fp32 path), same UNet shape and batch, interleaved.
@@ -27,7 +27,7 @@ COMPILE_COST_S = 120  # budgeted for compiling the training step (forward + back
 
 
 def import_trainer():
-    """``ddpm_plus.train`` and ``ddpm_plus.training_args``; where ``datasets`` cannot be imported (the GPU
+    """``ddpm_plus.trainer.loop`` and ``ddpm_plus.trainer.args``; where ``datasets`` cannot be imported (the GPU
     machine), a stand-in module is registered first: only the data loading uses it, and the step benchmarked
     here does not."""
     note = None
@@ -38,7 +38,7 @@ def import_trainer():
         stub.__getattr__ = lambda name: _Unavailable
         sys.modules["datasets"] = stub
         note = f"datasets not importable ({type(e).__name__}: {e}); a stand-in was registered to import the trainer"
-    return importlib.import_module("ddpm_plus.train"), importlib.import_module("ddpm_plus.training_args"), note
+    return importlib.import_module("ddpm_plus.trainer.loop"), importlib.import_module("ddpm_plus.trainer.args"), note
 
 
 class _Unavailable:
@@ -105,7 +105,7 @@ def run(device="cpu", tiny=True, batch=None, rounds=5, steps_per_round=None, wit
     def ours(*extra_flags, compile_mode=None):
         a = train_args.parse_args(flags + list(extra_flags))
         torch.manual_seed(0)
-        # the set-up of ddpm_plus.train.prepare() for these flags, with its own builders
+        # the set-up of ddpm_plus.trainer.loop.prepare() for these flags, with its own builders
         unet = train.build_unet(a).to(device)
         if a.channels_last:
             unet = unet.to(memory_format=torch.channels_last)

@@ -46,7 +46,7 @@ def _rate(extractor, images: torch.Tensor) -> float:
 
 
 def main(argv=None) -> None:
-    from ddpm_plus import sample_metrics as sm
+    from ddpm_plus.evaluation import sample_metrics as sm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -54,7 +54,7 @@ class _CachedModel:
 def bounds(pipe, images, ks, seed, batch_size):
     from ddpm_plus import DDPMPlusScheduler
     from ddpm_plus.cli import _respaced_timesteps
-    from ddpm_plus.likelihood import vlb_terms
+    from ddpm_plus.evaluation.likelihood import vlb_terms
 
     T = int(pipe.scheduler.config.num_train_timesteps)
     rows = {}
@@ -94,7 +94,7 @@ def make_scheduler(config, which, overrides):
 def frechet(pipe, steps, num_samples, seed, diffusers_max_steps):
     from ddpm_plus import DDPMPlusPipeline
     from ddpm_plus.data import digits_heldout_tensor
-    from ddpm_plus.evaluation import classifier_features, frechet_distance, load_or_train_digits_classifier
+    from ddpm_plus.evaluation.digits_proxy import classifier_features, frechet_distance, load_or_train_digits_classifier
 
     classifier, _ = load_or_train_digits_classifier()
     train_feats = classifier_features(classifier, digits_heldout_tensor(8, 1, split="train"))

@@ -26,8 +26,8 @@ def main(argv=None):
     from diffusers.training_utils import EMAModel
 
     from ddpm_plus.data import DIGITS_NUM_BINS, ImageTransform, load_digits_dataset, prepare_dataset
-    from ddpm_plus.train import build_unet
-    from ddpm_plus.training_args import parse_args  # the same flags and presets as the trainer
+    from ddpm_plus.trainer.args import parse_args  # the same flags and presets as the trainer
+    from ddpm_plus.trainer.loop import build_unet
 
     args = parse_args(argv)
     if args.dataset_name is not None or args.train_data_dir is not None:

@@ -9,7 +9,10 @@ plain ``DiffusionPipeline.from_pretrained(path_or_repo_id)`` returns a ``DDPMPlu
   whose library (the full dotted module path written by ``save_pretrained``) is an attribute of
   ``diffusers.pipelines``.
 
-A different class already registered under one of our names is never overwritten.
+A different class already registered under one of our names is never overwritten. Folders saved before the
+package had subpackages name the old module paths (``ddpm_plus.scheduling_ddpm_plus``,
+``ddpm_plus.pipeline_ddpm_plus``); those are registered on ``diffusers.pipelines`` too (:data:`LEGACY_MODULES`),
+so such folders still load.
 """
 
 import sys
@@ -17,11 +20,11 @@ import sys
 import diffusers
 import diffusers.pipelines
 
-from .analytic import estimate_analytic_moments, gaussian_analytic_moments
-from .fast_sampling import FastSampler, fast_sample
-from .likelihood import bits_per_dim, vlb_terms
-from .pipeline_ddpm_plus import DDPMPlusPipeline
-from .scheduling_ddpm_plus import DDPMPlusScheduler, DDPMPlusSchedulerOutput, StepCoefficients, respace
+from .evaluation.analytic import estimate_analytic_moments, gaussian_analytic_moments
+from .evaluation.likelihood import bits_per_dim, vlb_terms
+from .pipelines.fast_sampling import FastSampler, fast_sample
+from .pipelines.pipeline_ddpm_plus import DDPMPlusPipeline
+from .schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, DDPMPlusSchedulerOutput, StepCoefficients, respace
 
 __version__ = "0.1.0"
 
@@ -51,7 +54,15 @@ def _register(target, name, obj):
     setattr(target, name, obj)
 
 
+# module path recorded in model_index.json by ddpm_plus <= 1eb70aa -> the class now defined elsewhere
+LEGACY_MODULES = {
+    "ddpm_plus.scheduling_ddpm_plus": DDPMPlusScheduler,
+    "ddpm_plus.pipeline_ddpm_plus": DDPMPlusPipeline,
+}
+
 for _cls in (DDPMPlusPipeline, DDPMPlusScheduler):
     _register(diffusers, _cls.__name__, _cls)
     _register(diffusers.pipelines, _cls.__module__, sys.modules[_cls.__module__])
-del _cls
+for _path, _cls in LEGACY_MODULES.items():
+    _register(diffusers.pipelines, _path, sys.modules[_cls.__module__])
+del _cls, _path

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the digits classifier's safetensors weights are cached (default: ~/.cache/ddpm_plus)",
     )
-    from .sample_evaluation import add_metric_source_arguments
+    from .evaluation.sample_evaluation import add_metric_source_arguments
 
     add_metric_source_arguments(ev)
     ev.add_argument(
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_reference_stats_parser(sub) -> None:
-    from .sample_evaluation import add_metric_source_arguments
+    from .evaluation.sample_evaluation import add_metric_source_arguments
 
     rs = sub.add_parser(
         "reference-stats",
@@ -222,7 +222,7 @@ def _missing_train_extra(err: ImportError) -> str | None:
 
 def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["train"]:
-        from .train import main as train_main
+        from .trainer.loop import main as train_main
 
         train_main(argv[1:], prog="ddpm-plus train")
         return 0
@@ -242,7 +242,8 @@ def _dispatch(argv: list[str]) -> int:
 
 def _evaluate_without_leaking_the_token(args) -> None:
     """``evaluate``, with a ``--hub_token`` warned about and never printed in an error."""
-    from .hub import TOKEN_ON_COMMAND_LINE, HubPushError, redact
+    from .hub import TOKEN_ON_COMMAND_LINE, HubPushError
+    from .redaction import redact
 
     if args.hub_token:
         print(f"warning: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
@@ -254,7 +255,7 @@ def _evaluate_without_leaking_the_token(args) -> None:
 
 def _check_args(args) -> tuple[str, ...]:
     """Checks that need no model; returns the metrics to compute."""
-    from .sample_evaluation import parse_metrics
+    from .evaluation.sample_evaluation import parse_metrics
 
     for name in ("num_samples", "inference_steps", "batch_size"):
         if getattr(args, name) < 1:
@@ -282,7 +283,7 @@ def _check_args(args) -> tuple[str, ...]:
 def _respaced_timesteps(num_train: int, k: int) -> torch.Tensor:
     """K timesteps evenly spaced over [0, T-1] (the scheduler module's ``respace``, "linspace" spacing),
     descending, always containing 0 and T-1."""
-    from .scheduling_ddpm_plus import respace
+    from .schedulers.scheduling_ddpm_plus import respace
 
     if k > num_train:
         raise SystemExit(f"error: --timesteps_respaced {k} exceeds num_train_timesteps={num_train}")
@@ -310,7 +311,7 @@ def _digit_classes(conditioning) -> dict[int, int] | None:
 def _sampling_labels(pipe, args, device):
     """(pipeline keywords for labels and guidance, requested class id per sample or None), checked before
     anything runs: a conditional pipeline samples the classes in turn (class-balanced)."""
-    from .pipeline_ddpm_plus import conditioning_of, guidance_labels
+    from .pipelines.pipeline_ddpm_plus import conditioning_of, guidance_labels
 
     conditioning = conditioning_of(pipe)
     if not conditioning.conditional:
@@ -336,7 +337,7 @@ def _model_geometry(unet, args) -> tuple[int, int]:
 
 def _eval_images(args, resolution: int, channels: int, with_labels: bool):
     """The real images of ``--dataset`` (with class ids for a conditional bound), or a clear error."""
-    from .sample_evaluation import load_eval_images
+    from .evaluation.sample_evaluation import load_eval_images
 
     try:
         return load_eval_images(
@@ -357,8 +358,7 @@ def _bound(args, unet, scheduler, reals, conditioning) -> dict:
     """bits/dim of the exact variational bound on ``reals`` (-log p(x|c) with each image's class for a
     conditional model), on the data's own grid."""
     from .data import load_digits_arrays
-    from .likelihood import vlb_terms
-    from .sample_evaluation import conditional_vlb_terms
+    from .evaluation.likelihood import conditional_vlb_terms, vlb_terms
 
     images = reals.images
     num_train = int(scheduler.config.num_train_timesteps)
@@ -407,7 +407,7 @@ def _bound(args, unet, scheduler, reals, conditioning) -> dict:
 
 def _samples_uint8(pipe, args, device, sampling_kwargs) -> torch.Tensor:
     """``--num_samples`` samples quantised to uint8 [N, C, H, W] once; every sample metric uses these."""
-    from .sample_metrics import quantize_uint8
+    from .evaluation.sample_metrics import quantize_uint8
 
     sample_gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
@@ -436,7 +436,12 @@ def save_sample_pngs(samples_uint8: torch.Tensor, folder) -> Path:
 def _digits_figures(args, samples_uint8, reals, requested, digit_of) -> dict:
     """The digits Frechet proxy (and the class accuracy of a conditional model) of the uint8 samples."""
     from .data import digits_heldout_tensor
-    from .evaluation import class_accuracy, classifier_features, frechet_distance, load_or_train_digits_classifier
+    from .evaluation.digits_proxy import (
+        class_accuracy,
+        classifier_features,
+        frechet_distance,
+        load_or_train_digits_classifier,
+    )
 
     classifier, accuracy = load_or_train_digits_classifier(args.classifier_cache_dir)
     train_feats = classifier_features(classifier, digits_heldout_tensor(8, 1, split="train"))
@@ -463,9 +468,9 @@ def evaluate(args) -> dict:
 
     import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
 
-    from .pipeline_ddpm_plus import conditioning_of
-    from .sample_evaluation import FeatureExtractors, compute_sample_metrics
-    from .sample_metrics import MetricsSetupError
+    from .evaluation.sample_evaluation import FeatureExtractors, compute_sample_metrics
+    from .evaluation.sample_metrics import MetricsSetupError
+    from .pipelines.pipeline_ddpm_plus import conditioning_of
 
     metrics = _check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -562,8 +567,8 @@ def analytic(args) -> dict:
 
     import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
 
-    from .analytic import _is_class_conditional, estimate_analytic_moments
-    from .scheduling_ddpm_plus import DDPMPlusScheduler
+    from .evaluation.analytic import _is_class_conditional, estimate_analytic_moments
+    from .schedulers.scheduling_ddpm_plus import DDPMPlusScheduler
 
     for name in ("num_images", "num_timesteps", "batch_size"):
         value = getattr(args, name)
@@ -581,7 +586,7 @@ def analytic(args) -> dict:
     T = int(pipe.scheduler.config.num_train_timesteps)
     timesteps = None
     if args.num_timesteps is not None and args.all_timesteps_below > 0:
-        from .scheduling_ddpm_plus import respace
+        from .schedulers.scheduling_ddpm_plus import respace
 
         spaced = respace(T, args.num_timesteps, timestep_spacing="linspace").timesteps
         timesteps, args.num_timesteps = np.union1d(spaced, np.arange(min(args.all_timesteps_below, T))), None
@@ -631,8 +636,8 @@ def analytic(args) -> dict:
 
 def reference_stats(args) -> dict:
     """``ddpm-plus reference-stats``: compute (or find) the cached reference statistics and print their paths."""
-    from .sample_evaluation import FeatureExtractors, load_eval_images, parse_metrics
-    from .sample_metrics import MetricsSetupError
+    from .evaluation.sample_evaluation import FeatureExtractors, load_eval_images, parse_metrics
+    from .evaluation.sample_metrics import MetricsSetupError
 
     try:
         metrics = parse_metrics(args.metrics)
@@ -667,7 +672,7 @@ def dims_per_source_pixel(resolution: int, channels: int) -> int | None:
 
 def _metric_rows(results: dict) -> list[tuple[str, str]]:
     """(label, value) of each figure in ``results``; Frechet figures carry their sample count (FID@5k)."""
-    from .sample_evaluation import frechet_label
+    from .evaluation.sample_evaluation import frechet_label
 
     n = results.get("num_samples", 0)
     rows = []
@@ -707,7 +712,7 @@ def card_metrics(results: dict) -> dict:
 
 
 def format_table(results: dict) -> str:
-    from .sample_evaluation import SMALL_N, SMALL_N_WARNING
+    from .evaluation.sample_evaluation import SMALL_N, SMALL_N_WARNING
 
     rows = [("dataset", results["dataset"]), *_metric_rows(results)]
     rows += [("sample grid", results["sample_grid"]), ("json", results.get("json", ""))]
@@ -736,7 +741,7 @@ def _push(args, results: dict, local: bool) -> None:
         )
     if not (source / "README.md").is_file():
         hub.write_model_card(source)
-    from .sample_evaluation import model_index_entries
+    from .evaluation.sample_evaluation import model_index_entries
 
     hub.set_card_evaluation(
         source, card_metrics(results), model_index=model_index_entries(results, results["dataset_key"])

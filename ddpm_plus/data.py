@@ -11,9 +11,13 @@ file is reported (by path, else by dataset index) or skipped and counted up fron
 ``label_column`` (class-conditional training) the labels are checked there too: :func:`class_labels_of`.
 """
 
+from __future__ import annotations
+
 import functools
 import logging
 import os
+from dataclasses import dataclass
+from enum import Enum
 
 import datasets
 import numpy as np
@@ -85,6 +89,55 @@ def load_digits_dataset(split="train"):
     )
 
 
+class DatasetKind(str, Enum):
+    """Where images come from: the bundled digits, a local image folder, or a Hub dataset id."""
+
+    DIGITS = "digits"
+    FOLDER = "folder"
+    HUB = "hub"
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """One image source, decided once: ``kind`` and, for a folder or a Hub dataset, its ``location``."""
+
+    kind: DatasetKind
+    location: str | None = None
+
+    @classmethod
+    def parse(cls, dataset: str | None) -> DatasetSource:
+        """A ``--dataset`` value: ``"digits"`` (or None), an existing directory, else a Hub dataset id."""
+        if dataset is None or dataset == DatasetKind.DIGITS.value:
+            return cls(DatasetKind.DIGITS)
+        return cls(DatasetKind.FOLDER if os.path.isdir(dataset) else DatasetKind.HUB, str(dataset))
+
+    @classmethod
+    def from_flags(cls, dataset_name: str | None, train_data_dir: str | None) -> DatasetSource:
+        """The trainer's ``--dataset_name`` / ``--train_data_dir`` (neither: the digits)."""
+        if dataset_name is not None and train_data_dir is not None:
+            raise ValueError(
+                f"give at most one of dataset_name and train_data_dir, got dataset_name={dataset_name!r} "
+                f"and train_data_dir={train_data_dir!r}"
+            )
+        if train_data_dir is not None:
+            return cls(DatasetKind.FOLDER, str(train_data_dir))
+        return cls(DatasetKind.HUB, dataset_name) if dataset_name is not None else cls(DatasetKind.DIGITS)
+
+    @property
+    def is_digits(self) -> bool:
+        return self.kind is DatasetKind.DIGITS
+
+    @property
+    def num_bins(self) -> int | None:
+        """The data's own grid when it is not 8-bit: 17 levels for the digits."""
+        return DIGITS_NUM_BINS if self.is_digits else None
+
+    def describe(self) -> str:
+        if self.is_digits:
+            return "bundled scikit-learn digits"
+        return f"image folder {self.location}" if self.kind is DatasetKind.FOLDER else f"Hub dataset {self.location}"
+
+
 def load_image_dataset(
     dataset_name=None,
     dataset_config_name=None,
@@ -96,16 +149,12 @@ def load_image_dataset(
     """Load the training images from exactly one source: a Hub dataset (``dataset_name``), a local
     imagefolder (``train_data_dir``), or, when neither is given, the bundled digits
     (:func:`load_digits_dataset`). The image column is renamed to ``image``."""
-    if dataset_name is not None and train_data_dir is not None:
-        raise ValueError(
-            f"give at most one of dataset_name and train_data_dir, got dataset_name={dataset_name!r} "
-            f"and train_data_dir={train_data_dir!r}"
-        )
-    if dataset_name is None and train_data_dir is None:
+    source = DatasetSource.from_flags(dataset_name, train_data_dir)
+    if source.is_digits:
         if dataset_config_name is not None:
             raise ValueError(f"dataset_config_name={dataset_config_name!r} needs dataset_name")
         return load_digits_dataset(split)
-    if dataset_name is not None:
+    if source.kind is DatasetKind.HUB:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
     else:
         if not os.path.isdir(train_data_dir):

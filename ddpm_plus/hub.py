@@ -9,7 +9,6 @@ Everything goes through ``huggingface_hub`` (endpoint, token and cache settings 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import platform
@@ -24,6 +23,8 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
+
+from .redaction import redact, without_secrets
 
 TEMPLATE = "ddpm_plus_unconditional.md"
 CARD_TAGS = ["ddpm_plus", "diffusers", "unconditional-image-generation"]
@@ -42,12 +43,10 @@ PUSH_IGNORE_PATTERNS = [
     "*optimizer*",
 ]
 _FROM_PRETRAINED = re.compile(r'(DiffusionPipeline\.from_pretrained\()"[^"\n]*"')
-_SECRET_KEYS = re.compile(r"token|secret|password", re.IGNORECASE)
 TOKEN_ON_COMMAND_LINE = (
     "--hub_token: a token on the command line is visible to other users of this machine (ps, /proc) and "
     "stays in the shell history; prefer HF_TOKEN or `hf auth login`"
 )
-REDACTED = "***"
 # Its run_as_future queue (one worker) runs every push of this process in call order, background or not,
 # so a slow push of an older checkpoint can never land after a newer one.
 _PUSH_QUEUE = HfApi()
@@ -55,34 +54,6 @@ _PUSH_QUEUE = HfApi()
 
 class HubPushError(RuntimeError):
     """A push to the Hub failed; the local output directory is untouched."""
-
-
-# ----------------------------------------------------------------------------- secrets
-def without_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` without the keys that name tokens, secrets or passwords (for cards, trackers, logs)."""
-    return {k: v for k, v in config.items() if not _SECRET_KEYS.search(k)}
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    """``text`` with every occurrence of each (non-empty) secret replaced by ``***``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
-
-
-class RedactSecrets(logging.Filter):
-    """A handler filter that rewrites log records so that the given secrets never reach the output."""
-
-    def __init__(self, *secrets: str | None):
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if any(s in message for s in self.secrets):
-            record.msg, record.args = redact(message, *self.secrets), None
-        return True
 
 
 # ----------------------------------------------------------------------------- model card

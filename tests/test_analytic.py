@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ddpm_plus import DDPMPlusScheduler, bits_per_dim, estimate_analytic_moments, gaussian_analytic_moments
-from ddpm_plus.likelihood import vlb_terms
+from ddpm_plus.evaluation.likelihood import vlb_terms
 
 S = 0.5
 T = 1000

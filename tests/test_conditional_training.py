@@ -18,8 +18,8 @@ from PIL import Image
 from test_training import TINY, expect_exit, run_train, unet_weights
 
 from ddpm_plus.data import ImageTransform, class_labels_of, load_digits_dataset, prepare_dataset
-from ddpm_plus.train import drop_labels, grid_class_labels
-from ddpm_plus.training_args import parse_args
+from ddpm_plus.trainer.args import parse_args
+from ddpm_plus.trainer.loop import drop_labels, grid_class_labels
 
 SINGLE = SimpleNamespace(process_index=0, num_processes=1)
 

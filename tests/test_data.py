@@ -88,7 +88,8 @@ def test_sklearn_digits_are_read_once_for_every_digits_loader(monkeypatch):
     arrays all come from a single read of scikit-learn's digits, so they cannot drift apart."""
     import sklearn.datasets
 
-    from ddpm_plus import data, evaluation
+    from ddpm_plus import data
+    from ddpm_plus.evaluation import digits_proxy as evaluation
 
     reads = []
 

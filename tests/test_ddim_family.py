@@ -16,8 +16,8 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
-from ddpm_plus.fast_sampling import FastSampler
-from ddpm_plus.scheduling_ddpm_plus import VARIANCE_TYPES, _coefficient_table
+from ddpm_plus.pipelines.fast_sampling import FastSampler
+from ddpm_plus.schedulers.scheduling_ddpm_plus import VARIANCE_TYPES, _coefficient_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ from scipy import linalg
 
 import ddpm_plus  # noqa: F401
 from ddpm_plus import cli
-from ddpm_plus.evaluation import (
+from ddpm_plus.evaluation.digits_proxy import (
     classifier_features,
     frechet_distance,
     load_or_train_digits_classifier,
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_classifier_data_comes_from_the_one_digits_loader(monkeypatch):
     """The classifier trains and is scored on ddpm_plus.data's digits (same split), not a loader of its own."""
-    from ddpm_plus import data, evaluation
+    from ddpm_plus import data
+    from ddpm_plus.evaluation import digits_proxy as evaluation
 
     levels = np.array([[[0] * 8] * 8, [[16] * 8] * 8, [[8] * 8] * 8], dtype=np.uint8)
     calls = []
@@ -123,7 +124,7 @@ def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path,
     from diffusers import DiffusionPipeline
 
     from ddpm_plus.data import digits_heldout_tensor
-    from ddpm_plus.likelihood import bits_per_dim
+    from ddpm_plus.evaluation.likelihood import bits_per_dim
 
     cache = classifier_cache[0]
     json_path = tmp_path / "r.json"

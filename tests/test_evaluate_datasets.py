@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from test_evaluate import _save_tiny_pipeline
 
-from ddpm_plus import cli, sample_metrics
-from ddpm_plus.likelihood import bits_per_dim
+from ddpm_plus import cli
+from ddpm_plus.evaluation import sample_metrics
+from ddpm_plus.evaluation.likelihood import bits_per_dim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

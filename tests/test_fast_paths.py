@@ -20,7 +20,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
-from ddpm_plus.fast_sampling import FastSampler, fast_sample
+from ddpm_plus.pipelines.fast_sampling import FastSampler, fast_sample
 
 TAB = R.Tables(R.betas())
 

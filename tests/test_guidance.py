@@ -19,8 +19,8 @@ from diffusers import (
 )
 
 from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
-from ddpm_plus.fast_sampling import FastSampler
-from ddpm_plus.pipeline_ddpm_plus import apply_guidance, guided_unet_output
+from ddpm_plus.pipelines.fast_sampling import FastSampler
+from ddpm_plus.pipelines.pipeline_ddpm_plus import apply_guidance, guided_unet_output
 
 NUM_CLASSES = 3
 NAMES = {0: "zero", 1: "one", 2: "two"}

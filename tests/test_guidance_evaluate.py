@@ -9,11 +9,11 @@ import torch
 from diffusers import UNet2DModel
 
 import ddpm_plus  # noqa: F401
-from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, cli, sample_evaluation
+from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, cli
 from ddpm_plus.data import digits_heldout_tensor, load_digits_arrays
-from ddpm_plus.evaluation import class_accuracy, classify, load_or_train_digits_classifier
-from ddpm_plus.likelihood import vlb_terms
-from ddpm_plus.sample_evaluation import _WithClassLabel, conditional_vlb_terms
+from ddpm_plus.evaluation import likelihood
+from ddpm_plus.evaluation.digits_proxy import class_accuracy, classify, load_or_train_digits_classifier
+from ddpm_plus.evaluation.likelihood import _WithClassLabel, conditional_vlb_terms, vlb_terms
 
 
 def _save(path, num_classes=10, dropout=0.1, names=None):
@@ -105,6 +105,6 @@ def test_class_accuracy_counts_the_requested_digit(cache):
     ],
 )
 def test_conditional_evaluate_errors_come_before_the_bound(tmp_path, cache, kwargs, extra, match, capsys, monkeypatch):
-    monkeypatch.setattr(sample_evaluation, "conditional_vlb_terms", lambda *a, **k: pytest.fail("the bound ran"))
+    monkeypatch.setattr(likelihood, "conditional_vlb_terms", lambda *a, **k: pytest.fail("the bound ran"))
     with pytest.raises(SystemExit, match=match):
         cli.main(_argv(_save(tmp_path / "pipe", **kwargs), cache, tmp_path, *extra))

@@ -386,8 +386,8 @@ def test_wheel_ships_the_model_card_templates_trainer_and_presets(tmp_path):
     assert {
         "ddpm_plus/hub.py",
         "ddpm_plus/train.py",
-        "ddpm_plus/training_args.py",
-        "ddpm_plus/checkpointing.py",
+        "ddpm_plus/trainer/args.py",
+        "ddpm_plus/trainer/checkpointing.py",
         "ddpm_plus/presets/__init__.py",
     } <= names
     assert {"digits.yaml", "ddpm_cifar10.yaml", "iddpm_cifar10.yaml"} <= set(presets)

@@ -1,4 +1,4 @@
-"""The exact variational bound (ddpm_plus.likelihood) against independent float64 references.
+"""The exact variational bound (ddpm_plus.evaluation.likelihood) against independent float64 references.
 
 The whole-bound tests use per-pixel Gaussian data x_0 ~ N(MU, S^2) discretised to the grid (open edge
 bins), whose entropy is computable exactly, and closed-form models:
@@ -19,8 +19,8 @@ from scipy import integrate
 from scipy.stats import norm
 
 import ddpm_plus  # noqa: F401  (registers the classes)
-from ddpm_plus.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, normal_kl, vlb_terms
-from ddpm_plus.scheduling_ddpm_plus import DDPMPlusScheduler
+from ddpm_plus.evaluation.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, normal_kl, vlb_terms
+from ddpm_plus.schedulers.scheduling_ddpm_plus import DDPMPlusScheduler
 
 MU, S = 0.1, 0.4
 T = 100  # beta 1e-3..0.2 (the linear schedule rescaled to T = 100): abar_T ~ 4e-5, L_T ~ 0

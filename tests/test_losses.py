@@ -1,4 +1,4 @@
-"""Training objectives (ddpm_plus.losses) against independent float64 references."""
+"""Training objectives (ddpm_plus.trainer.losses) against independent float64 references."""
 
 import math
 
@@ -8,8 +8,8 @@ import torch
 from scipy.stats import norm
 
 import ddpm_plus  # noqa: F401
-from ddpm_plus.losses import ImportanceSampler, compute_loss, min_snr_weights
-from ddpm_plus.scheduling_ddpm_plus import DDPMPlusScheduler
+from ddpm_plus.schedulers.scheduling_ddpm_plus import DDPMPlusScheduler
+from ddpm_plus.trainer.losses import ImportanceSampler, compute_loss, min_snr_weights
 
 T = 50
 

@@ -1,4 +1,4 @@
-"""ddpm_plus.sample_metrics against independent computations: FID/KID/precision-recall equal torch-fidelity's
+"""ddpm_plus.evaluation.sample_metrics against independent computations: FID/KID/precision-recall equal torch-fidelity's
 own calculate_metrics on the same uint8 images and weights file, FD_DINOv2's features equal a float64
 re-implementation of the dgm-eval protocol, Frechet distances equal closed forms, and reference statistics
 files are validated and cached."""
@@ -15,7 +15,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from ddpm_plus import sample_metrics as sm
+from ddpm_plus.evaluation import sample_metrics as sm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

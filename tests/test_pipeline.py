@@ -17,7 +17,8 @@ from diffusers import (
 )
 
 import ddpm_plus
-from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler, pipeline_ddpm_plus
+from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
+from ddpm_plus.pipelines import pipeline_ddpm_plus
 
 MU, S = 0.1, 0.25  # data distribution N(MU, S^2) per pixel; MU ± 3.6 S stays inside [-1, 1]
 
@@ -280,7 +281,7 @@ def test_save_and_plain_from_pretrained_round_trip(tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPlusPipeline"
-    assert index["scheduler"] == ["ddpm_plus.scheduling_ddpm_plus", "DDPMPlusScheduler"]
+    assert index["scheduler"] == ["ddpm_plus.schedulers.scheduling_ddpm_plus", "DDPMPlusScheduler"]
     assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == [
         "config.json",
         "diffusion_pytorch_model.safetensors",
@@ -319,10 +320,10 @@ def test_plugin_registration_is_where_diffusers_042_looks():
 
     assert diffusers.DDPMPlusPipeline is DDPMPlusPipeline
     assert diffusers.DDPMPlusScheduler is DDPMPlusScheduler
-    module = diffusers.pipelines.__dict__["ddpm_plus.scheduling_ddpm_plus"]
+    module = diffusers.pipelines.__dict__["ddpm_plus.schedulers.scheduling_ddpm_plus"]
     assert module.DDPMPlusScheduler is DDPMPlusScheduler
     assert pipeline_loading_utils._get_custom_components_and_folders(
-        "user/repo", {"scheduler": ["ddpm_plus.scheduling_ddpm_plus", "DDPMPlusScheduler"]}, filenames=[]
+        "user/repo", {"scheduler": ["ddpm_plus.schedulers.scheduling_ddpm_plus", "DDPMPlusScheduler"]}, filenames=[]
     ) == ({}, ["scheduler"])
 
 

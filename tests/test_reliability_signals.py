@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from test_resume import RESUME_ARGS, assert_same_tensors, image_folder  # noqa: F401 (fixture)
 from test_training import TINY, expect_exit, run_train, unet_weights
 
-from ddpm_plus import run_lock
-from ddpm_plus.checkpointing import latest_checkpoint
+from ddpm_plus.trainer import run_lock
+from ddpm_plus.trainer.checkpointing import latest_checkpoint
 
 HOLDING_RUNNER = textwrap.dedent("""
     import sys
-    from ddpm_plus import train
+    from ddpm_plus.trainer import loop as train
 
     hold_call, hold_checkpoint = int(sys.argv[1]), int(sys.argv[2])
     real_step, real_write, calls = train.training_step, train.write_extra_state, [0]
@@ -176,11 +176,9 @@ def test_a_second_signal_exits_at_once_and_keeps_the_last_complete_checkpoint(tm
 
 
 HOLDER = textwrap.dedent("""
-    import importlib.util, sys, time
-    spec = importlib.util.spec_from_file_location("run_lock", sys.argv[2])  # stdlib only: starts fast
-    run_lock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_lock)
-    run_lock.RunLock(sys.argv[1]).acquire()
+    import sys, time
+    from ddpm_plus.trainer.run_lock import RunLock
+    RunLock(sys.argv[1]).acquire()
     print("LOCKED", flush=True)
     time.sleep(600)
 """)
@@ -193,9 +191,7 @@ def lock_holder(tmp_path):
     out.mkdir()
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(out), run_lock.__file__], stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "LOCKED"
         yield proc, out

@@ -16,13 +16,13 @@ import textwrap
 import pytest
 from test_training import TINY, expect_exit, run_train
 
-from ddpm_plus import run_lock
+from ddpm_plus.trainer import run_lock
 
 resource = pytest.importorskip("resource")
 
 LIMITING_RUNNER = textwrap.dedent("""
     import resource, sys
-    from ddpm_plus import train
+    from ddpm_plus.trainer import loop as train
 
     after, limit = int(sys.argv[1]), int(sys.argv[2])
     real_write = train.write_extra_state
@@ -89,7 +89,7 @@ def test_save_pipeline_replaces_an_existing_pipeline_atomically(tmp_path, monkey
     from diffusers import UNet2DModel
 
     from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
-    from ddpm_plus import checkpointing as ckpt
+    from ddpm_plus.trainer import checkpointing as ckpt
 
     unet = UNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,

@@ -97,7 +97,7 @@ def test_resume_refuses_a_changed_data_layout(tmp_path, image_folder, capsys):
 # .tmp-checkpoint-N but not yet renamed: the worst moment to be killed.
 PAUSING_RUNNER = textwrap.dedent("""
     import sys, time
-    from ddpm_plus import train
+    from ddpm_plus.trainer import loop as train
 
     pause_at, real_write = int(sys.argv[1]), train.write_extra_state
 
@@ -142,7 +142,7 @@ def test_killed_while_checkpointing_resumes_from_previous_checkpoint(tmp_path, i
     assert proc.returncode == -9
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [".tmp-checkpoint-4", "checkpoint-2"]
 
-    from ddpm_plus.checkpointing import latest_checkpoint
+    from ddpm_plus.trainer.checkpointing import latest_checkpoint
 
     assert latest_checkpoint(out) == out / "checkpoint-2"
     summary = run_train(argv + ["--resume_from_checkpoint", "latest"])
@@ -163,7 +163,7 @@ def test_killed_while_checkpointing_resumes_from_previous_checkpoint(tmp_path, i
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    from ddpm_plus import train
+    from ddpm_plus.trainer import loop as train
 
     out = tmp_path / "run"
     argv = TINY + [

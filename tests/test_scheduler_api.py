@@ -10,12 +10,17 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-import ddpm_plus.scheduling_ddpm_plus as sched_module
+import ddpm_plus.schedulers.scheduling_ddpm_plus as sched_module
 from ddpm_plus import DDPMPlusScheduler
-from ddpm_plus.scheduling_ddpm_plus import VARIANCE_TYPES, respace
+from ddpm_plus.schedulers.scheduling_ddpm_plus import VARIANCE_TYPES, respace
 
 ROOT = Path(__file__).resolve().parents[1]
-OWN_MODULES = ["scheduling_ddpm_plus.py", "fast_sampling.py", "likelihood.py", "losses.py"]
+OWN_MODULES = [
+    "schedulers/scheduling_ddpm_plus.py",
+    "pipelines/fast_sampling.py",
+    "evaluation/likelihood.py",
+    "trainer/losses.py",
+]
 
 
 # ---------------------------------------------------------------- previous_timestep types (as diffusers)
@@ -86,7 +91,7 @@ def test_get_variance_learned_needs_the_model_output():
 def test_respace_is_the_one_respacing_function(monkeypatch):
     """set_timesteps, vlb_terms and the CLI's --timesteps_respaced all go through respace()."""
     from ddpm_plus import cli
-    from ddpm_plus.likelihood import vlb_terms
+    from ddpm_plus.evaluation.likelihood import vlb_terms
 
     calls = []
     real = sched_module.respace
@@ -133,9 +138,9 @@ def test_respace_neighbours_and_validation():
 
 
 def test_beta_range_and_num_bins_are_validated_in_one_place():
-    likelihood = (ROOT / "ddpm_plus" / "likelihood.py").read_text()
+    likelihood = (ROOT / "ddpm_plus" / "evaluation" / "likelihood.py").read_text()
     assert likelihood.count("num_bins must be an integer") == 1
-    for name in ("likelihood.py", "losses.py", "fast_sampling.py", "cli.py"):
+    for name in ("evaluation/likelihood.py", "trainer/losses.py", "pipelines/fast_sampling.py", "cli.py"):
         text = (ROOT / "ddpm_plus" / name).read_text()
         assert "beta_start" not in text and "beta_end" not in text, name
 
@@ -144,7 +149,7 @@ def test_beta_range_and_num_bins_are_validated_in_one_place():
 
 
 def test_fast_sampler_reads_no_private_scheduler_members():
-    src = (ROOT / "ddpm_plus" / "fast_sampling.py").read_text()
+    src = (ROOT / "ddpm_plus" / "pipelines" / "fast_sampling.py").read_text()
     private = re.findall(r"\b(?:s|sched|scheduler|self\.scheduler)\._[a-z]\w*", src)
     assert not private, private
     assert "step_coefficients" in src and "ancestral_step" in src

@@ -14,7 +14,7 @@ import torch
 from scipy.stats import norm
 
 from ddpm_plus import DDPMPlusScheduler
-from ddpm_plus.likelihood import vb_term_nats, vlb_terms
+from ddpm_plus.evaluation.likelihood import vb_term_nats, vlb_terms
 
 MU, S = 0.1, 0.4
 

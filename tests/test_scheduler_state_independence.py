@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ddpm_plus import DDPMPlusScheduler
-from ddpm_plus.likelihood import vb_term_nats, vlb_terms
-from ddpm_plus.losses import LOSS_TYPES, compute_loss
+from ddpm_plus.evaluation.likelihood import vb_term_nats, vlb_terms
+from ddpm_plus.trainer.losses import LOSS_TYPES, compute_loss
 
 T = 1000
 TS = torch.tensor([0, 1, 2, 100, 500, 998, 999])

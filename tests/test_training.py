@@ -71,7 +71,7 @@ def reset_accelerate() -> None:
 def run_train(argv) -> dict:
     """ddpm_plus.train's main, in this process; returns its summary. One intra-op thread: these tiny
     models are dominated by thread synchronisation, which a busy 2-core machine makes very slow."""
-    from ddpm_plus import train
+    from ddpm_plus.trainer import loop as train
 
     reset_accelerate()
     threads = torch.get_num_threads()
@@ -170,7 +170,7 @@ def test_digits_end_to_end(tmp_path):
 
 
 def test_config_file_then_command_line_override(tmp_path):
-    from ddpm_plus.training_args import parse_args
+    from ddpm_plus.trainer.args import parse_args
 
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text(
@@ -202,7 +202,7 @@ def test_config_file_then_command_line_override(tmp_path):
     ],
 )
 def test_config_file_errors(tmp_path, capsys, config_text, message):
-    from ddpm_plus.training_args import parse_args
+    from ddpm_plus.trainer.args import parse_args
 
     file = tmp_path / "c.yaml"
     file.write_text(config_text)
@@ -242,7 +242,7 @@ def test_config_file_errors(tmp_path, capsys, config_text, message):
     ],
 )
 def test_validation_errors(capsys, argv, message):
-    from ddpm_plus.training_args import parse_args
+    from ddpm_plus.trainer.args import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -250,7 +250,7 @@ def test_validation_errors(capsys, argv, message):
 
 
 def test_iddpm_preset_is_the_improved_ddpm_recipe(capsys):
-    from ddpm_plus.training_args import parse_args
+    from ddpm_plus.trainer.args import parse_args
 
     args = parse_args(["--config", "iddpm_cifar10"])
     assert (args.loss, args.variance_type, args.num_train_timesteps, args.beta_schedule, args.dropout) == (
@@ -268,7 +268,7 @@ def test_iddpm_preset_is_the_improved_ddpm_recipe(capsys):
 
 def test_defaults_are_the_digits_preset(tmp_path, monkeypatch):
     """Without --config the trainer trains exactly the digits preset, found by name or by path."""
-    from ddpm_plus.training_args import parse_args, preset_names, resolve_config
+    from ddpm_plus.trainer.args import parse_args, preset_names, resolve_config
 
     assert {"digits", "ddpm_cifar10", "iddpm_cifar10"} <= set(preset_names())
     defaults = vars(parse_args([]))
@@ -285,8 +285,8 @@ def test_defaults_are_the_digits_preset(tmp_path, monkeypatch):
 
 
 def test_ddpm_cifar10_preset_is_the_paper_recipe():
-    from ddpm_plus.train import build_scheduler, build_unet
-    from ddpm_plus.training_args import parse_args
+    from ddpm_plus.trainer.args import parse_args
+    from ddpm_plus.trainer.loop import build_scheduler, build_unet
 
     args = parse_args(["--config", "ddpm_cifar10"])
     unet = build_unet(args)
@@ -321,8 +321,8 @@ def test_ddpm_cifar10_preset_is_the_paper_recipe():
 
 
 def test_learned_variance_unet_has_twice_the_channels(tmp_path):
-    from ddpm_plus.train import build_unet
-    from ddpm_plus.training_args import parse_args
+    from ddpm_plus.trainer.args import parse_args
+    from ddpm_plus.trainer.loop import build_unet
 
     args = parse_args(
         [
@@ -389,8 +389,8 @@ def test_corrupt_image_is_named_before_training(tmp_path, capsys):
 
 
 def test_world_size_without_process_group_is_refused(monkeypatch):
-    from ddpm_plus import train
-    from ddpm_plus.training_args import parse_args
+    from ddpm_plus.trainer import loop as train
+    from ddpm_plus.trainer.args import parse_args
 
     class SingleProcessAccelerator:
         num_processes = 1
@@ -449,8 +449,8 @@ def test_noising_and_loss_are_float32_under_bf16_autocast(monkeypatch):
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    from ddpm_plus import train
-    from ddpm_plus.training_args import parse_args
+    from ddpm_plus.trainer import loop as train
+    from ddpm_plus.trainer.args import parse_args
 
     args = parse_args(TINY + ["--output_dir", "unused"])
     reset_accelerate()
@@ -699,7 +699,8 @@ def test_missing_train_extras_name_the_extra(monkeypatch):
     from ddpm_plus import cli
 
     monkeypatch.setitem(sys.modules, "accelerate", None)  # as if `pip install ddpm-plus` without [train]
-    monkeypatch.delitem(sys.modules, "ddpm_plus.train", raising=False)
+    for name in [m for m in sys.modules if m == "ddpm_plus.train" or m.startswith("ddpm_plus.trainer")]:
+        monkeypatch.delitem(sys.modules, name)
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--max_train_steps", "1"])
     message = str(info.value.code)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .pipeline_ddpm_plus import is_class_conditional
+from ..pipelines.pipeline_ddpm_plus import is_class_conditional
 
 __all__ = ["estimate_analytic_moments", "gaussian_analytic_moments"]
 
@@ -87,8 +87,8 @@ def estimate_analytic_moments(
         class-conditional UNet: Γ is then averaged over the images with their own labels).
     return_stderr: also return the Monte Carlo standard error of each entry (NaN where interpolated).
     """
+    from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, respace
     from .likelihood import _call_model, _model_device_dtype
-    from .scheduling_ddpm_plus import DDPMPlusScheduler, respace
 
     scheduler = DDPMPlusScheduler.from_config(scheduler.config, variance_type="fixed_small", analytic_moments=None)
     T = int(scheduler.config.num_train_timesteps)

@@ -66,7 +66,7 @@ def default_cache_dir() -> Path:
 def _digits_arrays(split: str):
     """(images [N,1,8,8] float32 on the 17-level grid in [-1, 1], labels [N]) of the bundled digits, from
     :func:`ddpm_plus.data.load_digits_arrays` (the one digits loader; same split)."""
-    from .data import DIGITS_NUM_BINS, load_digits_arrays
+    from ..data import DIGITS_NUM_BINS, load_digits_arrays
 
     levels, labels = load_digits_arrays(split)
     x = torch.from_numpy(levels).float() * (2.0 / (DIGITS_NUM_BINS - 1)) - 1.0  # level v -> v / 16 * 2 - 1

@@ -26,15 +26,15 @@ from pathlib import Path
 
 from diffusers.optimization import SchedulerType
 
-from ddpm_plus.losses import LOSS_TYPES
-from ddpm_plus.scheduling_ddpm_plus import (  # the scheduler's own lists of allowed values
+from ..schedulers.scheduling_ddpm_plus import (  # the scheduler's own lists of allowed values
     BETA_SCHEDULES,
     LEARNED_VARIANCE_TYPES,
     PREDICTION_TYPES,
     VARIANCE_TYPES,
     DDPMPlusScheduler,
 )
-from ddpm_plus.training_evaluation import add_eval_arguments, check_eval_arguments
+from .losses import LOSS_TYPES
+from .periodic_evaluation import add_eval_arguments, check_eval_arguments
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownsampleBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnUpsampleBlock2D")

@@ -16,7 +16,7 @@ import signal
 
 import torch
 
-from ddpm_plus.data import DIGITS_NUM_BINS, BadImageError, ImageTransform, load_image_dataset, prepare_dataset
+from ..data import DIGITS_NUM_BINS, BadImageError, ImageTransform, load_image_dataset, prepare_dataset
 
 
 def derive_seed(*parts) -> int:

@@ -19,7 +19,6 @@ import atexit
 import errno
 import json
 import os
-import re
 import socket
 import sys
 import time
@@ -29,6 +28,8 @@ try:
     import fcntl
 except ImportError:  # Windows: the pid/host check alone
     fcntl = None
+
+from ..redaction import argv_without_secrets
 
 __all__ = ["LOCK_NAME", "OutputDirLockedError", "RunLock", "acquire", "release", "release_all"]
 
@@ -59,27 +60,6 @@ def _describe(holder: dict) -> str:
         time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else ""
     )
     return f"pid {holder.get('pid')} on host {holder.get('host')!r}{when}"
-
-
-_SECRET_FLAG = re.compile(r"token|secret|password", re.IGNORECASE)  # as ddpm_plus.hub.without_secrets
-
-
-def argv_without_secrets(argv: list[str]) -> list[str]:
-    """A command line with the value of every token/secret/password flag replaced by ``***``
-    (``--hub_token X`` and ``--hub_token=X``), for files such as the run lock."""
-    out, hide_next = [], False
-    for arg in argv:
-        flag, eq, _ = arg.partition("=")
-        if hide_next:
-            out.append("***")
-        elif flag.startswith("--") and _SECRET_FLAG.search(flag):
-            out.append(f"{flag}=***" if eq else arg)
-            hide_next = not eq
-            continue
-        else:
-            out.append(arg)
-        hide_next = False
-    return out
 
 
 class RunLock:

@@ -30,7 +30,6 @@ __all__ = [
     "compute_sample_metrics",
     "frechet_label",
     "SMALL_N_WARNING",
-    "conditional_vlb_terms",
 ]
 
 ALL_METRICS = ("bpd", *sm.SAMPLE_METRICS)
@@ -73,7 +72,7 @@ def load_eval_images(
     default split ``train``) or a Hub dataset id (default split ``train``). Images go through the trainer's
     own :func:`~ddpm_plus.data.load_image_dataset`, :class:`~ddpm_plus.data.ImageTransform` (center crop, no
     flip) and :func:`~ddpm_plus.data.prepare_dataset`; the grid (17 or 256 levels) comes from the data."""
-    from .data import ImageTransform, load_image_dataset, prepare_dataset
+    from ..data import ImageTransform, load_image_dataset, prepare_dataset
 
     is_digits = dataset == "digits"
     if is_digits and (dataset_config is not None or image_column != "image"):
@@ -296,41 +295,3 @@ def add_metric_source_arguments(parser) -> None:
         help="where reference statistics and downloaded weights are cached (default: $DDPM_PLUS_CACHE or "
         "~/.cache/ddpm_plus)",
     )
-
-
-class _WithClassLabel(torch.nn.Module):
-    """``unet(x, t)`` of a class-conditional UNet with every image labelled ``class_id`` (for the bound)."""
-
-    def __init__(self, unet, class_id: int):
-        super().__init__()
-        self.unet, self.class_id = unet, class_id
-
-    @property
-    def device(self):
-        return self.unet.device
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    def forward(self, x, t):
-        return self.unet(x, t, class_labels=torch.full((x.shape[0],), self.class_id, device=x.device))
-
-
-def conditional_vlb_terms(unet, scheduler, images, class_ids, **kwargs) -> dict:
-    """vlb_terms of -log p(x | c) with each image's own class id: one call per class, results in image order."""
-    from .likelihood import vlb_terms
-
-    class_ids = np.asarray(class_ids)
-    out = None
-    for class_id in sorted(set(class_ids.tolist())):
-        idx = torch.from_numpy(np.flatnonzero(class_ids == class_id))
-        terms = vlb_terms(_WithClassLabel(unet, int(class_id)), scheduler, images[idx], **kwargs)
-        if out is None:
-            out = {k: terms[k] for k in ("timesteps", "decoder_index")}
-            out["terms_bpd"] = torch.zeros(len(images), terms["terms_bpd"].shape[1], dtype=torch.float64)
-            out["prior_bpd"] = torch.zeros(len(images), dtype=torch.float64)
-            out["total_bpd"] = torch.zeros(len(images), dtype=torch.float64)
-        for key in ("terms_bpd", "prior_bpd", "total_bpd"):
-            out[key][idx] = terms[key]
-    return out

@@ -34,7 +34,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNe
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES, DDPMPlusScheduler
+from ..schedulers.scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES, DDPMPlusScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 

@@ -13,16 +13,16 @@ from functools import partial
 
 import torch
 
-from .pipeline_ddpm_plus import conditioning_of
-from .sample_evaluation import (
+from ..evaluation.likelihood import conditional_vlb_terms
+from ..evaluation.sample_evaluation import (
     EvalImages,
     FeatureExtractors,
     compute_sample_metrics,
-    conditional_vlb_terms,
     load_eval_images,
     model_index_entries,
     parse_metrics,
 )
+from ..pipelines.pipeline_ddpm_plus import conditioning_of
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ __all__ = ["add_eval_arguments", "check_eval_arguments", "PeriodicEvaluation"]
 
 def add_eval_arguments(parser) -> None:
     """The trainer's evaluation flags (the dataset is the training dataset; see ``ddpm-plus evaluate``)."""
-    from .sample_evaluation import add_metric_source_arguments
+    from ..evaluation.sample_evaluation import add_metric_source_arguments
 
     g = parser.add_argument_group("evaluation during training")
     g.add_argument("--eval_steps", type=int, default=0, help="evaluate the EMA weights every N steps and at the end")
@@ -99,7 +99,7 @@ class PeriodicEvaluation:
 
     def evaluate(self, args, pipe, step: int) -> dict:
         """Sample with ``pipe`` (EMA weights), score, and return tracker values ``eval/...``."""
-        from .sample_metrics import quantize_uint8
+        from ..evaluation.sample_metrics import quantize_uint8
 
         n = args.eval_num_samples
         gen = torch.Generator(device=pipe.unet.device).manual_seed(args.seed)
@@ -125,8 +125,8 @@ class PeriodicEvaluation:
         return logged
 
     def _bound(self, args, pipe) -> float:
-        from .likelihood import vlb_terms
-        from .scheduling_ddpm_plus import respace
+        from ..evaluation.likelihood import vlb_terms
+        from ..schedulers.scheduling_ddpm_plus import respace
 
         k, T = args.eval_bound_timesteps, int(pipe.scheduler.config.num_train_timesteps)
         seq = None if k is None else torch.from_numpy(respace(T, min(k, T), timestep_spacing="linspace").timesteps)

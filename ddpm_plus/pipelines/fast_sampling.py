@@ -21,9 +21,9 @@ import torch
 from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, StepCoefficients
 from .pipeline_ddpm_plus import OUTPUT_TYPES as PIPELINE_OUTPUT_TYPES
 from .pipeline_ddpm_plus import check_sampling_inputs, conditioning_of, guidance_labels, guided_unet_output, postprocess
-from .scheduling_ddpm_plus import DDPMPlusScheduler, StepCoefficients
 
 OUTPUT_TYPES = PIPELINE_OUTPUT_TYPES + ("latent",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -199,7 +200,7 @@ def vlb_terms(
     KL(q_λ(x_prev|x_t, x_0) || p(x_prev|x_t)) of DDIM's family (Song et al. 2021, eq. (16)), a bound on the
     same likelihood since q_λ keeps the marginals q(x_t|x_0).
     """
-    from .scheduling_ddpm_plus import DDPMPlusScheduler, respace
+    from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, respace
 
     scheduler = DDPMPlusScheduler.from_config(scheduler.config)
     if scheduler.config.eta == 0:
@@ -282,3 +283,39 @@ def bits_per_dim(
         batch_size=batch_size,
         progress=progress,
     )["total_bpd"]
+
+
+class _WithClassLabel(torch.nn.Module):
+    """``unet(x, t)`` of a class-conditional UNet with every image labelled ``class_id`` (for the bound)."""
+
+    def __init__(self, unet, class_id: int):
+        super().__init__()
+        self.unet, self.class_id = unet, class_id
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def forward(self, x, t):
+        return self.unet(x, t, class_labels=torch.full((x.shape[0],), self.class_id, device=x.device))
+
+
+def conditional_vlb_terms(unet, scheduler, images, class_ids, **kwargs) -> dict:
+    """vlb_terms of -log p(x | c) with each image's own class id: one call per class, results in image order."""
+    class_ids = np.asarray(class_ids)
+    out = None
+    for class_id in sorted(set(class_ids.tolist())):
+        idx = torch.from_numpy(np.flatnonzero(class_ids == class_id))
+        terms = vlb_terms(_WithClassLabel(unet, int(class_id)), scheduler, images[idx], **kwargs)
+        if out is None:
+            out = {k: terms[k] for k in ("timesteps", "decoder_index")}
+            out["terms_bpd"] = torch.zeros(len(images), terms["terms_bpd"].shape[1], dtype=torch.float64)
+            out["prior_bpd"] = torch.zeros(len(images), dtype=torch.float64)
+            out["total_bpd"] = torch.zeros(len(images), dtype=torch.float64)
+        for key in ("terms_bpd", "prior_bpd", "total_bpd"):
+            out[key][idx] = terms[key]
+    return out

@@ -21,8 +21,8 @@ import threading
 
 import torch
 
-from ddpm_plus import checkpointing as ckpt
-from ddpm_plus import run_lock
+from . import checkpointing as ckpt
+from . import run_lock
 
 __all__ = ["GracefulStop", "TrainingInterrupted"]
 

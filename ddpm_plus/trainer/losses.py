@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from diffusers.training_utils import compute_snr
 
-from .likelihood import vb_term_nats
-from .scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES
+from ..evaluation.likelihood import vb_term_nats
+from ..schedulers.scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES
 
 __all__ = ["compute_loss", "ImportanceSampler", "LOSS_TYPES", "HYBRID_LAMBDA"]
 

@@ -98,7 +98,7 @@ def _inception_file(weights, cache_dir) -> Path:
         if not path.is_file():
             raise MetricsSetupError(f"inception weights {str(path)!r} is not a file; {options}")
         return path
-    from .evaluation import default_cache_dir
+    from .digits_proxy import default_cache_dir
 
     path = Path(cache_dir or default_cache_dir()) / "inception" / INCEPTION_URL.rsplit("/", 1)[1]
     if path.is_file():
@@ -327,7 +327,7 @@ class ReferenceStats:
 
 def reference_stats_path(key: Mapping[str, Any], cache_dir=None) -> Path:
     """``cache_dir/reference_stats/<extractor>-<hash of key>.npz`` (default cache: ``default_cache_dir()``)."""
-    from .evaluation import default_cache_dir
+    from .digits_proxy import default_cache_dir
 
     digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True, default=str).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", str(key.get("extractor", "features")))

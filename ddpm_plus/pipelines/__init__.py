@@ -1,0 +1,1 @@
+"""Sampling: DDPMPlusPipeline (class conditioning, classifier-free guidance) and the fast sampler."""

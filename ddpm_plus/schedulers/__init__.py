@@ -1,0 +1,1 @@
+"""The DDPM scheduler: float64 schedule/posterior/variance algebra, respacing, and the diffusers adapter."""

@@ -1,0 +1,2 @@
+"""The accelerate trainer: the loop, its flags, data order, losses, checkpointing, run lock, preemption and
+periodic evaluation."""
