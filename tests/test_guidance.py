@@ -232,6 +232,27 @@ def test_labels_by_name_or_id_one_per_image_or_one_for_the_batch():
     assert torch.equal(run(pipe, class_labels=["one", 0, "two"]), run(pipe, class_labels=[1, 0, 2]))
 
 
+@pytest.mark.parametrize("sampler", ["pipeline", "fast"])
+def test_class_labels_set_the_batch_size_when_none_is_given(sampler):
+    """The README's ``pipe(class_labels=["3", "7"], guidance_scale=3.0)``: one image per label, no batch_size."""
+    pipe = known_pipe()
+    sample = pipe if sampler == "pipeline" else FastSampler(pipe, dtype=torch.float32)
+
+    def call(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return sample(num_inference_steps=3, generator=generator, output_type="pt", **kwargs).images
+
+    by_labels = call(class_labels=["two", "zero"], guidance_scale=2.0)
+    assert by_labels.shape[0] == 2
+    assert torch.equal(by_labels, call(batch_size=2, class_labels=["two", "zero"], guidance_scale=2.0))
+    assert call(class_labels=torch.tensor([1, 2, 0])).shape[0] == 3
+    assert call(class_labels="one").shape[0] == 1  # one label and no batch size: one image
+    latents = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    assert call(class_labels=1, latents=latents).shape[0] == 4  # the latents set it
+    with pytest.raises(ValueError, match="one label per image"):
+        call(class_labels=[0, 1], latents=latents)
+
+
 @pytest.mark.parametrize(
     "pipe_kwargs, call_kwargs, match",
     [

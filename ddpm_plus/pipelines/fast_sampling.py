@@ -157,7 +157,7 @@ class FastSampler:
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         num_inference_steps: int = 1000,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -171,6 +171,7 @@ class FastSampler:
         shape = check_sampling_inputs(
             self.unet_config, batch_size, generator, output_type, latents, class_labels, OUTPUT_TYPES
         )
+        batch_size = shape[0]
         class_labels, null_labels = guidance_labels(
             self.conditioning, class_labels, batch_size, guidance_scale, self.device
         )
@@ -210,7 +211,7 @@ class FastSampler:
         return ImagePipelineOutput(images=image)
 
 
-def fast_sample(pipe, batch_size: int = 1, num_inference_steps: int = 1000, generator=None, **options):
+def fast_sample(pipe, batch_size: int | None = None, num_inference_steps: int = 1000, generator=None, **options):
     """One-off ``FastSampler(pipe, **sampler_options)(batch_size, num_inference_steps, generator, ...)``.
 
     ``options`` may hold FastSampler's (dtype, channels_last, cuda_graph, compile) and its call's

@@ -91,7 +91,7 @@ class DDPMPlusPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 1000,
         output_type: str = "pil",
@@ -104,6 +104,8 @@ class DDPMPlusPipeline(DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """Sample ``batch_size`` images with ``num_inference_steps`` denoising steps.
 
+        batch_size: the number of images; None: one per given latent, else one per class label, else 1.
+
         latents: the starting noise x_T (shape (batch, C, H, W)); drawn from ``generator`` if None.
         class_labels: for class-conditional UNets: class ids or names (``id2label``), one per image or one
             for the whole batch.
@@ -114,15 +116,10 @@ class DDPMPlusPipeline(DiffusionPipeline):
             a dict with a replacement "latents".
         """
         shape = check_sampling_inputs(self.unet.config, batch_size, generator, output_type, latents, class_labels)
-        cond = self.conditioning
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may only contain {self._callback_tensor_inputs}; got {bad}."
-            )
-        channels = shape[1]
+        self._check_callback_inputs(callback_on_step_end_tensor_inputs)
+        batch_size, channels = shape[:2]
         device = self._execution_device
-        class_labels, null_labels = guidance_labels(cond, class_labels, batch_size, guidance_scale, device)
+        class_labels, null_labels = guidance_labels(self.conditioning, class_labels, batch_size, guidance_scale, device)
         # The chain itself is kept in float32 (float64 for a float64 UNet) even with a half-precision UNet.
         dtype = torch.float64 if self.unet.dtype == torch.float64 else torch.float32
         if latents is None:
@@ -142,16 +139,19 @@ class DDPMPlusPipeline(DiffusionPipeline):
                 model_output = model_output[:, :channels]
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample.to(dtype)
             if callback_on_step_end is not None:
-                available = {"latents": latents}
-                tensors = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                outputs = callback_on_step_end(self, i, t, tensors) or {}
-                latents = outputs.pop("latents", latents)
+                tensors = {k: {"latents": latents}[k] for k in callback_on_step_end_tensor_inputs}
+                latents = (callback_on_step_end(self, i, t, tensors) or {}).pop("latents", latents)
 
         image = postprocess(latents, output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+    def _check_callback_inputs(self, names) -> None:
+        bad = [k for k in names if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only contain {self._callback_tensor_inputs}; got {bad}."
+            )
 
 
 def scheduler_takes_variance(scheduler: SchedulerMixin) -> bool:
@@ -170,10 +170,24 @@ def scheduler_takes_variance(scheduler: SchedulerMixin) -> bool:
     return scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
 
 
+def default_batch_size(class_labels, latents) -> int:
+    """The batch size of a call that gives none: one image per latent, else per class label, else 1."""
+    if latents is not None:
+        return int(latents.shape[0])
+    if torch.is_tensor(class_labels):
+        return max(class_labels.numel(), 1)
+    if class_labels is None or isinstance(class_labels, (str, int)):
+        return 1
+    return max(len(class_labels), 1)
+
+
 def check_sampling_inputs(
     unet_config, batch_size, generator, output_type, latents, class_labels, output_types=OUTPUT_TYPES
 ) -> tuple[int, int, int, int]:
-    """Validate a sampling call's arguments against the UNet's config; returns the sample shape."""
+    """Validate a sampling call's arguments against the UNet's config; returns the sample shape, whose first
+    entry is ``batch_size`` (None: :func:`default_batch_size`)."""
+    if batch_size is None:
+        batch_size = default_batch_size(class_labels, latents)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
     if isinstance(generator, list) and len(generator) != batch_size:
