@@ -24,6 +24,7 @@ from .evaluation.analytic import estimate_analytic_moments, gaussian_analytic_mo
 from .evaluation.likelihood import bits_per_dim, vlb_terms
 from .pipelines.fast_sampling import FastSampler, fast_sample
 from .pipelines.pipeline_ddpm_plus import DDPMPlusPipeline
+from .pipelines.pipeline_latent_ddpm_plus import LatentDDPMPlusPipeline
 from .schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, DDPMPlusSchedulerOutput, StepCoefficients, respace
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "DDPMPlusScheduler",
     "DDPMPlusSchedulerOutput",
     "FastSampler",
+    "LatentDDPMPlusPipeline",
     "StepCoefficients",
     "bits_per_dim",
     "estimate_analytic_moments",
@@ -60,7 +62,7 @@ LEGACY_MODULES = {
     "ddpm_plus.pipeline_ddpm_plus": DDPMPlusPipeline,
 }
 
-for _cls in (DDPMPlusPipeline, DDPMPlusScheduler):
+for _cls in (DDPMPlusPipeline, DDPMPlusScheduler, LatentDDPMPlusPipeline):
     _register(diffusers, _cls.__name__, _cls)
     _register(diffusers.pipelines, _cls.__module__, sys.modules[_cls.__module__])
 for _path, _cls in LEGACY_MODULES.items():

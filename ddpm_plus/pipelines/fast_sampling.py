@@ -5,6 +5,9 @@ graph (or compiled with ``torch.compile``), with no host synchronisation inside 
     sampler = FastSampler(pipe)                  # bf16 + channels_last + CUDA graph on a GPU
     images = sampler(batch_size=256, num_inference_steps=1000, generator=g).images
 
+It also samples with a ``LatentDDPMPlusPipeline`` (its ``unet`` or DiT ``transformer``, see
+ddpm_plus/pipelines/denoisers.py): the chain runs on the latents, which the pipeline's VAE decodes at the end.
+
 The sampled chain is the scheduler's own: its public ``step_coefficients()`` (cast to float32) and its
 step formula ``ancestral_step``. The noise is drawn from ``generator`` in the same order and shapes as
 ``DDPMPlusPipeline`` draws it, so a float32, non-channels_last ``FastSampler`` reproduces the pipeline's
@@ -22,8 +25,9 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, StepCoefficients
+from .denoisers import DenoiserCall, denoiser_config
 from .pipeline_ddpm_plus import OUTPUT_TYPES as PIPELINE_OUTPUT_TYPES
-from .pipeline_ddpm_plus import check_sampling_inputs, conditioning_of, guidance_labels, guided_unet_output, postprocess
+from .pipeline_ddpm_plus import check_sampling_inputs, guidance_labels, guided_unet_output, postprocess
 
 OUTPUT_TYPES = PIPELINE_OUTPUT_TYPES + ("latent",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,15 +78,17 @@ class FastSampler:
             )
         self.dtype, self.channels_last, self.cuda_graph, self.compile = dtype, channels_last, cuda_graph, compile
         self.scheduler = DDPMPlusScheduler.from_config(pipe.scheduler.config)
-        unet = pipe.unet
+        unet = getattr(pipe, "denoiser", None) or pipe.unet  # a latent pipeline's unet or transformer
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # nn.Module.to: ModelMixin.to only adds a warning about _keep_in_fp32_modules (empty for UNet2DModel).
         if getattr(unet, "_keep_in_fp32_modules", None):
             raise ValueError(f"{type(unet).__name__} keeps modules in float32; FastSampler supports UNet2DModel.")
         self.unet = torch.nn.Module.to(copy.deepcopy(unet), self.device, dtype, memory_format=memory_format).eval()
         self.unet.requires_grad_(False)
-        self.unet_config = unet.config
-        self.conditioning = conditioning_of(pipe)  # classes, names and null class, for labels and guidance
+        self._call_unet = DenoiserCall(self.unet)  # one timestep per sample, as a DiT needs
+        self.unet_config = denoiser_config(unet)
+        self.conditioning = pipe.conditioning  # classes, names and null class, for labels and guidance
+        self._decode = getattr(pipe, "decode_latents", None)  # a latent pipeline's VAE decoder
         self._step_fn = torch.compile(self._step, mode=compile) if compile is not None else self._step
         T = self.scheduler.config.num_train_timesteps
         # A device table with room for every step count: row i = step i of the current schedule, one
@@ -113,7 +119,7 @@ class FastSampler:
         c = StepCoefficients(*self._table.index_select(0, index)[0].unbind())
         t = self._timesteps.index_select(0, index)
         model_output = guided_unet_output(
-            self.unet, x.to(self.dtype), t, class_labels, null_labels, scale, self.unet_config.in_channels
+            self._call_unet, x.to(self.dtype), t, class_labels, null_labels, scale, self.unet_config.in_channels
         )
         prev_sample, _ = self.scheduler.ancestral_step(model_output, x, c, noise)  # σ = 0 at the final step
         return prev_sample
@@ -167,7 +173,8 @@ class FastSampler:
         guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """As ``DDPMPlusPipeline.__call__``; ``output_type="latent"`` returns the final float32 x_0
-        unclamped. Pass a generator on the sampling device to keep noise drawing on the device."""
+        unclamped (for a latent pipeline: the latents, undecoded). Pass a generator on the sampling device to
+        keep noise drawing on the device."""
         shape = check_sampling_inputs(
             self.unet_config, batch_size, generator, output_type, latents, class_labels, OUTPUT_TYPES
         )
@@ -205,7 +212,7 @@ class FastSampler:
         if output_type == "latent":
             image = x.clone(memory_format=torch.contiguous_format)
         else:
-            image = postprocess(x, output_type)
+            image = postprocess(x if self._decode is None else self._decode(x), output_type)
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
