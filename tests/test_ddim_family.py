@@ -17,7 +17,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from ddpm_plus import DDPMPlusPipeline, DDPMPlusScheduler
 from ddpm_plus.pipelines.fast_sampling import FastSampler
-from ddpm_plus.schedulers.scheduling_ddpm_plus import VARIANCE_TYPES, _coefficient_table
+from ddpm_plus.schedulers.coefficients import coefficient_table
+from ddpm_plus.schedulers.options import VARIANCE_TYPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,8 +41,8 @@ def test_eta_one_is_the_ddpm_posterior():
     t = rng.integers(1, 1000, 200)
     prev = np.maximum(t - rng.integers(1, 100, 200), -1)
     nxt = -np.ones_like(t)
-    exact = _coefficient_table(ab, t, prev, nxt, eta=1.0)
-    general = _coefficient_table(ab, t, prev, nxt, eta=float(np.nextafter(1.0, 0.0)))
+    exact = coefficient_table(ab, t, prev, nxt, eta=1.0)
+    general = coefficient_table(ab, t, prev, nxt, eta=float(np.nextafter(1.0, 0.0)))
     for name in ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance"):
         np.testing.assert_allclose(getattr(general, name), getattr(exact, name), rtol=1e-9, err_msg=name)
     # the default is η = 1 and gives the same numbers as passing it

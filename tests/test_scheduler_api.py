@@ -89,9 +89,9 @@ def test_get_variance_learned_needs_the_model_output():
 
 
 def test_respace_is_the_one_respacing_function(monkeypatch):
-    """set_timesteps, vlb_terms and the CLI's --timesteps_respaced all go through respace()."""
-    from ddpm_plus import cli
+    """set_timesteps, vlb_terms and the evaluation's respaced bound timesteps all go through respace()."""
     from ddpm_plus.evaluation.likelihood import vlb_terms
+    from ddpm_plus.evaluation.options import bound_timesteps
 
     calls = []
     real = sched_module.respace
@@ -110,11 +110,11 @@ def test_respace_is_the_one_respacing_function(monkeypatch):
     vlb_terms(lambda x, t: 0 * x, s, torch.zeros(1, 1, 2, 2), timesteps=[0, 7, 19], num_bins=17, progress=False)
     assert any(kw.get("timesteps") is not None for _, kw in calls)
     calls.clear()
-    seq = cli._respaced_timesteps(20, 5)
+    seq = bound_timesteps(20, 5)
     assert calls and seq.tolist() == [19, 14, 10, 5, 0]
     assert seq.tolist() == real(20, 5, timestep_spacing="linspace").timesteps.tolist()
-    with pytest.raises(SystemExit, match="K >= 2"):
-        cli._respaced_timesteps(20, 1)
+    with pytest.raises(ValueError, match="K >= 2"):
+        bound_timesteps(20, 1)
 
 
 def test_respace_neighbours_and_validation():

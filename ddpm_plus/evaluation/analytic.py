@@ -28,34 +28,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..pipelines.pipeline_ddpm_plus import is_class_conditional
+from ..schedulers.coefficients import gaussian_analytic_moments
+from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, respace
+from .likelihood import call_model, model_device_dtype
 
 __all__ = ["estimate_analytic_moments", "gaussian_analytic_moments"]
-
-
-def gaussian_analytic_moments(alphas_cumprod, s: float) -> np.ndarray:
-    """Γ_t in closed form for x_0 ~ N(μ, s²I) and the exact ε model: (1 − ᾱ_t)/(ᾱ_t s² + 1 − ᾱ_t) (float64).
-
-    E[ε|x_t] = √(1−ᾱ_t)(x_t − √ᾱ_t μ)/D_t with D_t = ᾱ_t s² + 1 − ᾱ_t, so E‖E[ε|x_t]‖²/d = (1 − ᾱ_t)/D_t."""
-    ab = np.asarray(alphas_cumprod, dtype=np.float64)
-    return (1.0 - ab) / (ab * s * s + 1.0 - ab)
 
 
 def _is_class_conditional(model) -> bool:
     """A UNet2DModel (or any model with a diffusers config) that takes class labels."""
     config = getattr(model, "config", None)
     return config is not None and is_class_conditional(config)
-
-
-def _epsilon(scheduler, output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """ε̂ from the model output's prediction channels (float64): docs/math.md eq. (32) inverted, eq. (47)."""
-    prediction, _ = scheduler._split_model_output(output, x_t)
-    ab = float(scheduler.alphas_cumprod[t])
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return prediction
-    if kind == "sample":  # x_t = √ᾱ x_0 + √(1−ᾱ) ε
-        return (x_t - math.sqrt(ab) * prediction) / math.sqrt(1.0 - ab)
-    return math.sqrt(ab) * prediction + math.sqrt(1.0 - ab) * x_t  # v = √ᾱ ε − √(1−ᾱ) x_0
 
 
 @torch.no_grad()
@@ -87,11 +70,31 @@ def estimate_analytic_moments(
         class-conditional UNet: Γ is then averaged over the images with their own labels).
     return_stderr: also return the Monte Carlo standard error of each entry (NaN where interpolated).
     """
-    from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, respace
-    from .likelihood import _call_model, _model_device_dtype
-
     scheduler = DDPMPlusScheduler.from_config(scheduler.config, variance_type="fixed_small", analytic_moments=None)
     T = int(scheduler.config.num_train_timesteps)
+    x0_all, class_labels = _checked_images(unet, images, batch_size, class_labels)
+    timesteps = _evaluated_timesteps(T, num_timesteps, timesteps)
+    device, dtype = model_device_dtype(unet, images.device)
+    n = x0_all.shape[0]
+    mean, stderr = np.empty(len(timesteps)), np.empty(len(timesteps))
+    iterator = enumerate(timesteps.tolist())
+    if progress:
+        iterator = tqdm(iterator, total=len(timesteps), desc="analytic moments", unit="t", leave=False)
+    for k, t in iterator:
+        norms = _squared_norms(unet, scheduler, x0_all, t, class_labels, batch_size, generator, (device, dtype))
+        mean[k] = float(norms.mean())
+        stderr[k] = float(norms.std() / math.sqrt(n)) if n > 1 else math.nan
+    gamma = np.interp(np.arange(T), timesteps, mean)
+    if not return_stderr:
+        return torch.from_numpy(gamma)
+    full_stderr = np.full(T, np.nan)
+    full_stderr[timesteps] = stderr
+    return torch.from_numpy(gamma), torch.from_numpy(full_stderr)
+
+
+def _checked_images(unet, images, batch_size, class_labels):
+    """(the images as float64 on CPU, the class labels as int64 or None) after checking them and
+    ``batch_size``; a class-conditional UNet needs the labels."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be a non-empty 4-D tensor [N, C, H, W]; got {getattr(images, 'shape', images)}")
     x0_all = images.detach().to("cpu", torch.float64)
@@ -105,45 +108,43 @@ def estimate_analytic_moments(
         class_labels = torch.as_tensor(class_labels).reshape(-1).long()
         if class_labels.shape[0] != x0_all.shape[0]:
             raise ValueError(f"class_labels has {class_labels.shape[0]} entries for {x0_all.shape[0]} images")
+    return x0_all, class_labels
+
+
+def _evaluated_timesteps(T: int, num_timesteps, timesteps) -> np.ndarray:
+    """The ascending timesteps at which Γ is estimated: every one, ``num_timesteps`` evenly spaced, or the
+    given ``timesteps`` with 0 and T−1 added."""
     if timesteps is not None:
         if num_timesteps is not None:
             raise ValueError("pass at most one of num_timesteps and timesteps")
         chosen = respace(T, timesteps=timesteps, allow_increasing=True).timesteps  # validates them
-        timesteps = np.union1d(chosen, [0, T - 1])
-    elif num_timesteps is None:
-        timesteps = np.arange(T)
-    else:
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or not 2 <= num_timesteps <= T:
-            raise ValueError(f"num_timesteps must be None or an integer in [2, {T}]; got {num_timesteps!r}")
-        timesteps = respace(T, num_timesteps, timestep_spacing="linspace").timesteps[::-1].copy()
-    device, dtype = _model_device_dtype(unet, images.device)
-    n, d = x0_all.shape[0], x0_all[0].numel()
-    mean, stderr = np.empty(len(timesteps)), np.empty(len(timesteps))
-    iterator = enumerate(timesteps.tolist())
-    if progress:
-        iterator = tqdm(iterator, total=len(timesteps), desc="analytic moments", unit="t", leave=False)
-    for k, t in iterator:
-        ab = float(scheduler.alphas_cumprod[t])
-        noise = torch.randn(x0_all.shape, generator=generator, dtype=torch.float64)
-        x_t_all = math.sqrt(ab) * x0_all + math.sqrt(1.0 - ab) * noise  # eq. (16)
-        norms = torch.empty(n, dtype=torch.float64)
-        for start in range(0, n, batch_size):
-            x_t = x_t_all[start : start + batch_size]
-            t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=device)
-            if class_labels is None:
-                out = _call_model(unet, x_t.to(device, dtype), t_batch)
-            else:
-                labels = class_labels[start : start + batch_size].to(device)
-                out = _call_model(
-                    lambda x, s, labels=labels: unet(x, s, class_labels=labels), x_t.to(device, dtype), t_batch
-                )
-            eps = _epsilon(scheduler, out.to("cpu", torch.float64), x_t, t)
-            norms[start : start + x_t.shape[0]] = eps.flatten(1).pow(2).sum(1) / d
-        mean[k] = float(norms.mean())
-        stderr[k] = float(norms.std() / math.sqrt(n)) if n > 1 else math.nan
-    gamma = np.interp(np.arange(T), timesteps, mean)
-    if not return_stderr:
-        return torch.from_numpy(gamma)
-    full_stderr = np.full(T, np.nan)
-    full_stderr[timesteps] = stderr
-    return torch.from_numpy(gamma), torch.from_numpy(full_stderr)
+        return np.union1d(chosen, [0, T - 1])
+    if num_timesteps is None:
+        return np.arange(T)
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or not 2 <= num_timesteps <= T:
+        raise ValueError(f"num_timesteps must be None or an integer in [2, {T}]; got {num_timesteps!r}")
+    return respace(T, num_timesteps, timestep_spacing="linspace").timesteps[::-1].copy()
+
+
+def _squared_norms(unet, scheduler, x0_all, t: int, class_labels, batch_size: int, generator, runtime):
+    """‖ε_θ(x_t, t)‖²/d of one x_t ~ q(x_t|x_0) per image (eq. (16)), float64; the model runs in batches on
+    its ``runtime`` (device, dtype)."""
+    device, dtype = runtime
+    ab = float(scheduler.alphas_cumprod[t])
+    noise = torch.randn(x0_all.shape, generator=generator, dtype=torch.float64)
+    x_t_all = math.sqrt(ab) * x0_all + math.sqrt(1.0 - ab) * noise  # eq. (16)
+    norms = torch.empty(x0_all.shape[0], dtype=torch.float64)
+    for start in range(0, x0_all.shape[0], batch_size):
+        x_t = x_t_all[start : start + batch_size]
+        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=device)
+        if class_labels is None:
+            out = call_model(unet, x_t.to(device, dtype), t_batch)
+        else:
+            labels = class_labels[start : start + batch_size].to(device)
+            out = call_model(
+                lambda x, s, labels=labels: unet(x, s, class_labels=labels), x_t.to(device, dtype), t_batch
+            )
+        # ε̂ of any parameterisation, float64: eq. (32) inverted for an x_0-model, eq. (47) for a v-model
+        eps = scheduler.predict_epsilon(out.to("cpu", torch.float64), x_t, t)
+        norms[start : start + x_t.shape[0]] = eps.flatten(1).pow(2).sum(1) / x0_all[0].numel()
+    return norms

@@ -25,6 +25,8 @@ __all__ = [
     "vb_term_nats",
     "vlb_terms",
     "bits_per_dim",
+    "call_model",
+    "model_device_dtype",
 ]
 
 
@@ -124,7 +126,8 @@ def vb_term_nats(
     return torch.where(is_decoder, decoder_nll, kl)
 
 
-def _call_model(model, sample, timesteps):
+def call_model(model, sample, timesteps):
+    """``model(sample, timesteps)`` as a tensor: a diffusers output's ``.sample``, a tuple's first entry."""
     out = model(sample, timesteps)
     if hasattr(out, "sample"):
         out = out.sample
@@ -135,7 +138,9 @@ def _call_model(model, sample, timesteps):
     return out
 
 
-def _model_device_dtype(model, fallback_device):
+def model_device_dtype(model, fallback_device):
+    """(device, floating dtype) the model runs in: its ``device``/``dtype`` attributes or first parameter;
+    ``fallback_device`` and float32 where it has neither."""
     device = getattr(model, "device", None)
     dtype = getattr(model, "dtype", None)
     if (device is None or dtype is None) and isinstance(model, torch.nn.Module):
@@ -200,16 +205,56 @@ def vlb_terms(
     KL(q_λ(x_prev|x_t, x_0) || p(x_prev|x_t)) of DDIM's family (Song et al. 2021, eq. (16)), a bound on the
     same likelihood since q_λ keeps the marginals q(x_t|x_0).
     """
-    from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, respace
+    from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler
 
     scheduler = DDPMPlusScheduler.from_config(scheduler.config)
+    batch_size = _checked_batch_size(scheduler, x_start, num_bins, batch_size)
+    chain, seq = _bound_sequence(int(scheduler.config.num_train_timesteps), timesteps)
+    device, model_dtype = model_device_dtype(model, x_start.device)
+    to_bpd = 1.0 / (x_start[0].numel() * math.log(2.0))
+    x0_all = x_start.detach().to("cpu", torch.float64)
+    # L_T: KL(q(x_T|x_0) || N(0, I)) with q from eq. (23), at the largest timestep of the sequence.
+    abar_top = scheduler.alphas_cumprod[int(chain.timesteps[0])].to(torch.float64)
+    prior_bpd = normal_kl(abar_top.sqrt() * x0_all, torch.log1p(-abar_top), 0.0, 0.0).flatten(1).sum(1) * to_bpd
+    terms = torch.zeros(len(x0_all), seq.numel(), dtype=torch.float64)
+    for k, t in tqdm(list(enumerate(seq.tolist())), desc="bits/dim", unit="t", leave=False, disable=not progress):
+        x_t_all = _sample_x_t(scheduler, x0_all, t, generator)
+        for start in range(0, len(x0_all), batch_size):
+            x0 = x0_all[start : start + batch_size].to(device)
+            x_t = x_t_all[start : start + batch_size].to(device)
+            t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+            out = call_model(model, x_t.to(model_dtype), t_batch).to(torch.float64)
+            prev = torch.full_like(t_batch, int(chain.prev_timestep[t]))
+            term = vb_term_nats(scheduler, out, x0, x_t, t_batch, prev, num_bins=num_bins)
+            terms[start : start + x0.shape[0], k] = term.flatten(1).sum(1).cpu() * to_bpd
+    return {
+        "timesteps": seq,
+        "terms_bpd": terms,
+        "decoder_index": int((seq == 0).nonzero()[0, 0]),
+        "prior_bpd": prior_bpd.cpu(),
+        "total_bpd": prior_bpd.cpu() + terms.sum(1),
+    }
+
+
+def _checked_batch_size(scheduler, x_start, num_bins, batch_size) -> int:
+    """``batch_size`` (default: every image at once) after checking it, η > 0 and the images."""
     if scheduler.config.eta == 0:
         raise ValueError(
             "the bound is not defined for eta=0 (DDIM): q_λ(x_prev|x_t, x_0) has λ = 0, a point mass, so each "
             "KL term is infinite; evaluate it with eta > 0 (eta=1: DDPM's posterior)"
         )
     _check_images(x_start, num_bins)
-    num_train = int(scheduler.config.num_train_timesteps)
+    batch_size = x_start.shape[0] if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return batch_size
+
+
+def _bound_sequence(num_train: int, timesteps):
+    """(respaced chain, the timesteps in the order given) of the bound; default 0..T-1, and 0 (the decoder
+    step) must be among them."""
+    from ..schedulers.scheduling_ddpm_plus import respace
+
     if timesteps is None:
         timesteps = torch.arange(num_train)
     chain = respace(num_train, timesteps=timesteps, allow_increasing=True)  # validates the sequence
@@ -217,45 +262,14 @@ def vlb_terms(
         raise ValueError(
             f"timesteps must contain 0 (the decoder step); the smallest given is {int(chain.timesteps[-1])}"
         )
-    seq = torch.as_tensor(timesteps).reshape(-1).long().cpu()  # the order given
-    device, model_dtype = _model_device_dtype(model, x_start.device)
-    n = x_start.shape[0]
-    batch_size = n if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    to_bpd = 1.0 / (x_start[0].numel() * math.log(2.0))
-    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).to(torch.float64)
+    return chain, torch.as_tensor(timesteps).reshape(-1).long().cpu()
 
-    x0_all = x_start.detach().to("cpu", torch.float64)
-    terms = torch.zeros(n, seq.numel(), dtype=torch.float64)
-    # L_T: KL(q(x_T|x_0) || N(0, I)) with q from eq. (23), at the largest timestep of the sequence.
-    abar_top = alphas_cumprod[int(chain.timesteps[0])]
-    prior = normal_kl(abar_top.sqrt() * x0_all, torch.log1p(-abar_top), 0.0, 0.0)
-    prior_bpd = prior.flatten(1).sum(1) * to_bpd
 
-    decoder_index = int((seq == 0).nonzero()[0, 0])
-    iterator = list(enumerate(seq.tolist()))
-    if progress:
-        iterator = tqdm(iterator, desc="bits/dim", unit="t", leave=False)
-    for k, t in iterator:
-        abar = alphas_cumprod[t]
-        noise = torch.randn(x0_all.shape, generator=generator, dtype=torch.float64)
-        x_t_all = abar.sqrt() * x0_all + (1.0 - abar).sqrt() * noise  # eq. (16)
-        for start in range(0, n, batch_size):
-            x0 = x0_all[start : start + batch_size].to(device)
-            x_t = x_t_all[start : start + batch_size].to(device)
-            t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
-            out = _call_model(model, x_t.to(model_dtype), t_batch).to(torch.float64)
-            prev = torch.full_like(t_batch, int(chain.prev_timestep[t]))
-            term = vb_term_nats(scheduler, out, x0, x_t, t_batch, prev, num_bins=num_bins)
-            terms[start : start + x0.shape[0], k] = term.flatten(1).sum(1).cpu() * to_bpd
-    return {
-        "timesteps": seq,
-        "terms_bpd": terms,
-        "decoder_index": decoder_index,
-        "prior_bpd": prior_bpd.cpu(),
-        "total_bpd": prior_bpd.cpu() + terms.sum(1),
-    }
+def _sample_x_t(scheduler, x0_all: torch.Tensor, t: int, generator) -> torch.Tensor:
+    """One x_t ~ q(x_t|x_0) per image (eq. (16)), float64 on CPU, the noise drawn from ``generator``."""
+    abar = scheduler.alphas_cumprod[t].to(torch.float64)
+    noise = torch.randn(x0_all.shape, generator=generator, dtype=torch.float64)
+    return abar.sqrt() * x0_all + (1.0 - abar).sqrt() * noise
 
 
 def bits_per_dim(

@@ -16,11 +16,11 @@ import torch
 from diffusers.training_utils import compute_snr
 
 from ..evaluation.likelihood import vb_term_nats
-from ..schedulers.scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES
+from ..schedulers.options import PredictionType, VarianceType
+from .loss_types import LOSS_TYPES, LossType, check_loss_variance
 
 __all__ = ["compute_loss", "ImportanceSampler", "LOSS_TYPES", "HYBRID_LAMBDA"]
 
-LOSS_TYPES = ("simple", "hybrid", "vlb")
 HYBRID_LAMBDA = 0.001
 
 
@@ -28,17 +28,24 @@ def _mean_flat(x):
     return x.flatten(1).mean(1)
 
 
+def _prediction_type(scheduler) -> PredictionType:
+    value = scheduler.config.prediction_type
+    try:
+        return PredictionType(value)
+    except ValueError:
+        raise ValueError(
+            f"scheduler.config.prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {value!r}"
+        ) from None
+
+
 def _target(scheduler, x_start, noise, timesteps):
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
+    prediction_type = _prediction_type(scheduler)
+    if prediction_type is PredictionType.EPSILON:
         return noise
-    if prediction_type == "sample":
+    if prediction_type is PredictionType.SAMPLE:
         return x_start
-    if prediction_type == "v_prediction":  # v = sqrt(abar) eps - sqrt(1 - abar) x_0
-        return scheduler.get_velocity(x_start, noise, timesteps)
-    raise ValueError(
-        f"scheduler.config.prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}"
-    )
+    # PredictionType.V_PREDICTION: v = sqrt(abar) eps - sqrt(1 - abar) x_0
+    return scheduler.get_velocity(x_start, noise, timesteps)
 
 
 def min_snr_weights(scheduler, timesteps, snr_gamma: float):
@@ -50,17 +57,13 @@ def min_snr_weights(scheduler, timesteps, snr_gamma: float):
     """
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=float(snr_gamma))
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
+    prediction_type = _prediction_type(scheduler)
+    if prediction_type is PredictionType.EPSILON:
         # SNR = 0 only with a zero-terminal-SNR schedule; the weight's limit there is 1.
         return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
-    if prediction_type == "v_prediction":
+    if prediction_type is PredictionType.V_PREDICTION:
         return clipped / (snr + 1.0)
-    if prediction_type == "sample":
-        return clipped
-    raise ValueError(
-        f"scheduler.config.prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}"
-    )
+    return clipped  # PredictionType.SAMPLE
 
 
 def compute_loss(
@@ -86,31 +89,8 @@ def compute_loss(
     ``hybrid``/``vlb`` need ``variance_type`` learned or learned_range. ``num_bins`` is the decoder's grid
     at t = 0 (256 for 8-bit images, 17 for the bundled digits).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if snr_gamma is not None and not (float(snr_gamma) > 0):
-        raise ValueError(f"snr_gamma must be a positive number or None, got {snr_gamma!r}")
-    variance_type = scheduler.config.variance_type
-    learned = variance_type in LEARNED_VARIANCE_TYPES
-    eta = float(scheduler.config.get("eta", 1.0))
-    if loss_type != "simple" and eta != 1.0:
-        # improved DDPM's L_vlb is the bound of the DDPM posterior (η = 1); q_λ with η < 1 is a sampler choice
-        raise ValueError(
-            f"loss_type={loss_type!r} trains against the DDPM posterior and needs a scheduler with eta=1.0; "
-            f"got eta={eta!r}. Train with eta=1.0 and set eta only for sampling."
-        )
-    if loss_type != "simple" and not learned:
-        raise ValueError(
-            f"loss_type={loss_type!r} trains the variance and needs variance_type 'learned' or 'learned_range', "
-            f"got variance_type={variance_type!r}"
-        )
+    loss = _checked_loss_type(scheduler, model_output, x_start, loss_type, snr_gamma)
     channels = x_start.shape[1]
-    expected = 2 * channels if learned else channels
-    if model_output.ndim != x_start.ndim or model_output.shape[1] != expected:
-        raise ValueError(
-            f"model_output must have {expected} channels for variance_type={variance_type!r} "
-            f"(x_start has {channels}); got shape {tuple(model_output.shape)}"
-        )
     timesteps = torch.as_tensor(timesteps, device=x_start.device).long().reshape(-1)
 
     prediction = model_output[:, :channels].float()
@@ -118,10 +98,10 @@ def compute_loss(
     mse = _mean_flat((prediction - target) ** 2)
     if snr_gamma is not None:
         mse = mse * min_snr_weights(scheduler, timesteps, snr_gamma).to(mse.device, torch.float32)
-    if loss_type == "simple":
+    if loss is LossType.SIMPLE:
         return mse
 
-    if loss_type == "hybrid":  # stop the mean's gradient in L_vlb (improved DDPM, sec. 3.1)
+    if loss is LossType.HYBRID:  # stop the mean's gradient in L_vlb (improved DDPM, sec. 3.1)
         vlb_input = torch.cat([model_output[:, :channels].detach(), model_output[:, channels:]], dim=1)
     else:
         vlb_input = model_output
@@ -136,9 +116,34 @@ def compute_loss(
         num_bins=num_bins,
     )
     vb = _mean_flat(nats) / math.log(2.0) * num_train  # T * L_t, bits/dim
-    if loss_type == "vlb":
+    if loss is LossType.VLB:
         return vb.float()
     return mse + HYBRID_LAMBDA * vb.float()
+
+
+def _checked_loss_type(scheduler, model_output, x_start, loss_type: str, snr_gamma) -> LossType:
+    """``loss_type`` as a :class:`LossType` after checking it against the scheduler's variance type and η,
+    ``snr_gamma``, and the output channels (2C for a learned variance, else C)."""
+    variance_type = scheduler.config.variance_type
+    check_loss_variance(loss_type, variance_type)
+    loss = LossType(loss_type)
+    if snr_gamma is not None and not (float(snr_gamma) > 0):
+        raise ValueError(f"snr_gamma must be a positive number or None, got {snr_gamma!r}")
+    eta = float(scheduler.config.get("eta", 1.0))
+    if loss.trains_variance and eta != 1.0:
+        # improved DDPM's L_vlb is the bound of the DDPM posterior (η = 1); q_λ with η < 1 is a sampler choice
+        raise ValueError(
+            f"loss_type={loss_type!r} trains against the DDPM posterior and needs a scheduler with eta=1.0; "
+            f"got eta={eta!r}. Train with eta=1.0 and set eta only for sampling."
+        )
+    channels = x_start.shape[1]
+    expected = 2 * channels if VarianceType(variance_type).learned else channels
+    if model_output.ndim != x_start.ndim or model_output.shape[1] != expected:
+        raise ValueError(
+            f"model_output must have {expected} channels for variance_type={variance_type!r} "
+            f"(x_start has {channels}); got shape {tuple(model_output.shape)}"
+        )
+    return loss
 
 
 class ImportanceSampler:
