@@ -1,10 +1,12 @@
 """Quality versus number of steps: DDPM, DDIM and Analytic-DPM on one trained model, no retraining.
 
 For a pipeline whose scheduler carries an ``analytic_moments`` table (made by ``ddpm-plus analytic``):
-- the bound in bits/dim on the bundled digits' held-out split, respaced to K timesteps ("linspace", as
-  ``ddpm-plus evaluate --timesteps_respaced K``), for fixed_small, fixed_large and analytic (η = 1); the same
-  x_t draws for every variance type (the UNet runs once per image and timestep, its outputs are reused);
-- the digits Fréchet distance (proxy, not FID) of samples at each step count for DDPM fixed_small, DDPM
+- the bound in bits/dim on the bundled digits' held-out split, respaced to K timesteps (the evaluation
+  engine's bound, as ``ddpm-plus evaluate --timesteps_respaced K``), for fixed_small, fixed_large and analytic
+  (η = 1); the same x_t draws for every variance type (the UNet runs once per image and timestep, its outputs
+  are reused);
+- the digits Fréchet distance (proxy, not FID) of samples at each step count (sampled and quantised to uint8
+  by the evaluation engine, as ``ddpm-plus evaluate`` does) for DDPM fixed_small, DDPM
   fixed_large, DDIM (η = 0), Analytic-DDPM (η = 1), Analytic-DDIM (η = 0) and diffusers' DDIMScheduler and
   DPMSolverMultistepScheduler (DPM-Solver++, order 2), all hosted by ``DDPMPlusPipeline``, from the same
   initial noise, beside the floor (as many held-out real digits).
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
@@ -51,31 +52,23 @@ class _CachedModel:
         return self.cache[key]
 
 
-def bounds(pipe, images, ks, seed, batch_size):
+def bounds(pipe, reals, ks, seed, batch_size):
     from ddpm_plus import DDPMPlusScheduler
-    from ddpm_plus.cli import _respaced_timesteps
-    from ddpm_plus.evaluation.likelihood import vlb_terms
+    from ddpm_plus.evaluation.bound import bound_figures
+    from ddpm_plus.evaluation.options import EvaluationOptions
 
     T = int(pipe.scheduler.config.num_train_timesteps)
     rows = {}
     for k in ks:
         model = _CachedModel(pipe.unet)
-        seq = None if k == T else _respaced_timesteps(T, k)
+        options = EvaluationOptions(
+            metrics="bpd", bound_timesteps=None if k == T else k, batch_size=batch_size, seed=seed
+        )
         for kind in BOUND_TYPES:
             scheduler = DDPMPlusScheduler.from_config(pipe.scheduler.config, variance_type=kind, eta=1.0)
             t0 = time.perf_counter()
-            out = vlb_terms(
-                model,
-                scheduler,
-                images,
-                timesteps=seq,
-                num_bins=17,
-                generator=torch.Generator().manual_seed(seed),
-                batch_size=batch_size,
-                progress=False,
-            )
-            bpd = out["total_bpd"]
-            rows[(k, kind)] = (float(bpd.mean()), float(bpd.std() / math.sqrt(len(bpd))))
+            out = bound_figures(model, scheduler, reals, options)
+            rows[(k, kind)] = (out["bits_per_dim"], out["bits_per_dim_stderr"])
             print(
                 f"bound K={k} {kind}: {rows[(k, kind)][0]:.4f} ± {rows[(k, kind)][1]:.4f} ({time.perf_counter() - t0:.0f} s)"
             )
@@ -91,18 +84,13 @@ def make_scheduler(config, which, overrides):
     return cls.from_config(config, **overrides)
 
 
-def frechet(pipe, steps, num_samples, seed, diffusers_max_steps):
+def frechet(pipe, heldout, steps, num_samples, seed, diffusers_max_steps):
     from ddpm_plus import DDPMPlusPipeline
-    from ddpm_plus.data import digits_heldout_tensor
-    from ddpm_plus.evaluation.digits_proxy import classifier_features, frechet_distance, load_or_train_digits_classifier
+    from ddpm_plus.evaluation.digits_proxy import digits_proxy_figures
+    from ddpm_plus.evaluation.engine import sample_uint8
+    from ddpm_plus.evaluation.options import EvaluationOptions
 
-    classifier, _ = load_or_train_digits_classifier()
-    train_feats = classifier_features(classifier, digits_heldout_tensor(8, 1, split="train"))
-    held = digits_heldout_tensor(8, 1, split="test")
-    perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed))
-    floor = frechet_distance(classifier_features(classifier, held[perm[:num_samples]]), train_feats)
-    print(f"floor ({num_samples} held-out reals): {floor:.2f}")
-    rows = {}
+    rows, floor = {}, None
     for name, (which, overrides) in SAMPLERS.items():
         scheduler = make_scheduler(pipe.scheduler.config, which, overrides)
         sampler = DDPMPlusPipeline(pipe.unet, scheduler)
@@ -111,9 +99,14 @@ def frechet(pipe, steps, num_samples, seed, diffusers_max_steps):
             if which != "plus" and k > diffusers_max_steps:
                 continue
             t0 = time.perf_counter()
-            images = sampler(num_samples, torch.Generator().manual_seed(seed), k, output_type="pt").images
-            rows[(name, k)] = frechet_distance(classifier_features(classifier, images * 2 - 1), train_feats)
+            options = EvaluationOptions(
+                metrics="bpd", num_samples=num_samples, num_inference_steps=k, batch_size=num_samples, seed=seed
+            )
+            figures = digits_proxy_figures(sample_uint8(sampler, options, None), heldout, seed=seed)
+            rows[(name, k)] = figures["frechet_proxy_samples_vs_train"]
+            floor = figures["frechet_proxy_floor_heldout_vs_train"]  # the same held-out reals every time
             print(f"{name} {k} steps: {rows[(name, k)]:.2f} ({time.perf_counter() - t0:.0f} s)")
+    print(f"floor ({num_samples} held-out reals): {floor:.2f}")
     return rows, floor
 
 
@@ -155,22 +148,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import ddpm_plus  # noqa: F401
     from ddpm_plus import DDPMPlusPipeline
-    from ddpm_plus.data import digits_heldout_tensor
+    from ddpm_plus.evaluation.real_images import load_eval_images
 
     pipe = DDPMPlusPipeline.from_pretrained(args.pipeline)
     pipe.unet.eval()
     if pipe.scheduler.config.get("analytic_moments") is None:
         raise SystemExit("error: the pipeline's scheduler has no analytic_moments: run `ddpm-plus analytic` first")
-    images = digits_heldout_tensor(8, 1, split="test")[: args.bound_images]
+    heldout = load_eval_images("digits", resolution=8, channels=1)  # the test split, as the model sees it
+    reals = load_eval_images("digits", resolution=8, channels=1, max_images=args.bound_images)
     with torch.no_grad():
-        bound_rows = {} if args.no_bounds else bounds(pipe, images, args.bound_timesteps, args.seed, args.batch_size)
+        bound_rows = {} if args.no_bounds else bounds(pipe, reals, args.bound_timesteps, args.seed, args.batch_size)
         fd_rows, floor = (
             ({}, None)
             if args.no_samples
-            else frechet(pipe, args.steps, args.num_samples, args.seed, args.diffusers_max_steps)
+            else frechet(pipe, heldout.images, args.steps, args.num_samples, args.seed, args.diffusers_max_steps)
         )
+    images = reals.images
     table = markdown(bound_rows, args.bound_timesteps, fd_rows, args.steps, floor, args.num_samples, len(images))
     print(table)
     if args.json:

@@ -1,4 +1,4 @@
-"""The ``ddpm-plus`` command line.
+"""The ``ddpm-plus`` command line: each command parses its flags, calls the library and prints the result.
 
 ``ddpm-plus evaluate PIPELINE_DIR_OR_REPO_ID`` evaluates a saved ddpm_plus/diffusers DDPM pipeline on a
 dataset: the bundled digits (default), a local image folder or a Hub dataset, converted to the model's
@@ -14,31 +14,80 @@ those images (``--save_samples DIR`` writes them as PNG). Reference statistics o
 (``ddpm-plus reference-stats`` precomputes them). A class-conditional pipeline is sampled class-balanced at
 ``--guidance_scale``; its bound is -log p(x|c) with each image's own class.
 Results are printed as a table and written as JSON; ``--push_to_hub`` puts them into the model card.
+On CPU, torch uses ``--num_threads`` threads (default: half the cores, at most 8; 1 on a 2-core machine).
+
+Exit status: 0 on success, 2 for bad input (flags, pipeline, dataset, a missing extra), 1 when a push fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
+from .conversion.adm import add_convert_parser, convert_command
+from .evaluation.errors import EvaluationError, EvaluationOptionsError
+from .evaluation.metrics_table import format_table
+from .evaluation.options import ALL_METRICS, EvaluationOptions, parse_metrics
+from .evaluation.sample_quality import add_metric_source_arguments
+from .hub import TOKEN_ON_COMMAND_LINE, HubPushError, add_push_arguments, push_command, push_evaluation
+from .redaction import redact
 
-from .image_grid import image_grid
+__all__ = ["main", "build_parser", "evaluate", "analytic", "reference_stats"]
 
-__all__ = ["main", "build_parser", "evaluate"]
+TRAIN_EXTRA_MODULES = ("accelerate", "datasets", "sklearn", "tensorboard", "yaml")
+TRAIN_EXTRA_HINT = 'pip install "ddpm-plus[train]"'
+USAGE_ERROR = 2  # bad input, as argparse exits for a bad flag
+FAILURE = 1
+# EvaluationOptions field -> its flag, per command (a field not listed is its own flag, e.g. device)
+FLAGS = {
+    "evaluate": {
+        "metrics": "metrics",
+        "num_samples": "num_samples",
+        "num_inference_steps": "inference_steps",
+        "guidance_scale": "guidance_scale",
+        "batch_size": "batch_size",
+        "bound_timesteps": "timesteps_respaced",
+        "max_images": "max_images",
+        "seed": "seed",
+    },
+    "analytic": {"bound_timesteps": "num_timesteps"},
+    "reference-stats": {"metrics": "metrics"},
+}
 
-PROXY_NAME = "digits Frechet distance (proxy, not FID)"
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _add_runtime_arguments(parser) -> None:
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--num_threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads on CPU (default: half the cores, at most 8; 1 on a 2-core machine: threads that "
+        "share cores with another job stall each other)",
+    )
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm-plus", description="ddpm_plus command line tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_evaluate_parser(sub)
+    _add_train_and_push_parsers(sub)
+    _add_analytic_parser(sub)
+    _add_reference_stats_parser(sub)
+    add_convert_parser(sub)
+    return parser
+
+
+def _add_evaluate_parser(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
         help="bits/dim, FID, KID, precision/recall and FD_DINOv2 of a saved pipeline on a dataset",
@@ -62,19 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--metrics",
         default=None,
-        help="comma-separated, from bpd, fid, kid, precision_recall, fd_dinov2 (default: bpd,fid; "
+        help=f"comma-separated, from {', '.join(ALL_METRICS)} (default: bpd,fid; "
         "the digits Frechet proxy is always added on the digits)",
     )
-    ev.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample_size")
+    ev.add_argument("--resolution", type=_positive_int, default=None, help="default: the UNet's sample_size")
     ev.add_argument(
-        "--max_images",
-        type=int,
-        default=None,
-        help="use the first N images of the dataset only (bits/dim and reference statistics)",
+        "--max_images", type=int, default=None, help="use the first N images of the dataset only (bound, references)"
     )
-    ev.add_argument(
-        "--num_samples", type=int, default=64, help="images to sample (for the grid and every sample metric)"
-    )
+    ev.add_argument("--num_samples", type=int, default=64, help="images to sample (grid and every sample metric)")
     ev.add_argument("--inference_steps", type=int, default=100, help="denoising steps for sampling")
     ev.add_argument(
         "--guidance_scale",
@@ -87,25 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="K",
-        help="bound on K evenly spaced timesteps (faster, looser) instead of all T",
+        help="bound on K evenly spaced timesteps, 2 <= K <= T (faster, looser) instead of all T",
     )
-    ev.add_argument("--batch_size", type=int, default=256, help="images per UNet call in the bound")
-    ev.add_argument(
-        "--output_dir",
-        default=None,
-        help="where the grid and JSON go (default: PIPELINE_DIR/evaluation, or ./evaluation-<repo>)",
-    )
-    ev.add_argument("--json", default=None, help="JSON path (default: OUTPUT_DIR/eval_results.json)")
-    ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ev.add_argument("--batch_size", type=int, default=256, help="images per UNet call (sampling and the bound)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
         "--classifier_cache_dir",
         default=None,
         help="where the digits classifier's safetensors weights are cached (default: ~/.cache/ddpm_plus)",
     )
-    from .evaluation.sample_evaluation import add_metric_source_arguments
-
     add_metric_source_arguments(ev)
+    _add_evaluate_output_arguments(ev)
+    _add_runtime_arguments(ev)
+
+
+def _add_evaluate_output_arguments(ev) -> None:
+    """Where ``evaluate`` writes (grid, JSON, PNGs) and pushes its results."""
+    ev.add_argument(
+        "--output_dir",
+        default=None,
+        help="where the grid and JSON go (default: PIPELINE_DIR/evaluation, or ./evaluation-<repo>)",
+    )
+    ev.add_argument("--json", default=None, help="JSON path (default: OUTPUT_DIR/eval_results.json)")
     ev.add_argument(
         "--save_samples", default=None, metavar="DIR", help="write the uint8 samples every metric used as PNG files"
     )
@@ -117,16 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="discouraged (visible to other users of the machine): set HF_TOKEN or run `hf auth login`",
     )
-    ev.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    _add_train_and_push_parsers(sub)
-    _add_analytic_parser(sub)
-    _add_reference_stats_parser(sub)
-    return parser
 
 
 def _add_reference_stats_parser(sub) -> None:
-    from .evaluation.sample_evaluation import add_metric_source_arguments
-
     rs = sub.add_parser(
         "reference-stats",
         help="precompute (and cache) a dataset's Inception/DINOv2 reference statistics for evaluate and training",
@@ -135,12 +175,11 @@ def _add_reference_stats_parser(sub) -> None:
     rs.add_argument("--dataset_config", default=None)
     rs.add_argument("--split", default=None, help="default: 'test' for the digits, 'train' otherwise")
     rs.add_argument("--image_column", default="image")
-    rs.add_argument("--resolution", type=int, required=True, help="the model's resolution")
+    rs.add_argument("--resolution", type=_positive_int, required=True, help="the model's resolution")
     rs.add_argument("--channels", type=int, default=3, choices=(1, 3), help="the model's channels")
-    rs.add_argument("--max_images", type=int, default=None)
+    rs.add_argument("--max_images", type=_positive_int, default=None)
     rs.add_argument("--metrics", default="fid", help="which extractors: fid (Inception) and/or fd_dinov2")
-    rs.add_argument("--device", default=None)
-    rs.add_argument("--no_progress", action="store_true")
+    _add_runtime_arguments(rs)
     add_metric_source_arguments(rs)
 
 
@@ -164,16 +203,16 @@ def _add_analytic_parser(sub) -> None:
     an.add_argument("--output_dir", required=True, help="where the pipeline with the analytic scheduler is saved")
     an.add_argument("--dataset", default="digits", help="'digits' (bundled) or a local image folder")
     an.add_argument("--split", default="train", choices=("test", "train", "all"), help="digits split (default train)")
-    an.add_argument("--num_images", type=int, default=None, help="use the first M images (default: all)")
+    an.add_argument("--num_images", type=_positive_int, default=None, help="use the first M images (default: all)")
     an.add_argument(
-        "--num_bins", type=int, default=None, help="snap folder images to this many levels (default: 8 bit)"
+        "--num_bins", type=_positive_int, default=None, help="snap folder images to this many levels (default: 8 bit)"
     )
     an.add_argument(
         "--num_timesteps",
         type=int,
         default=None,
         metavar="K",
-        help="evaluate Γ at K evenly spaced timesteps and interpolate (default: every timestep)",
+        help="evaluate Γ at K evenly spaced timesteps, 2 <= K <= T, and interpolate (default: every timestep)",
     )
     an.add_argument(
         "--all_timesteps_below",
@@ -183,14 +222,9 @@ def _add_analytic_parser(sub) -> None:
         help="with --num_timesteps, also evaluate every t < N (Γ of quantised data changes fastest there)",
     )
     an.add_argument("--eta", type=float, default=None, help="set the written scheduler's eta (default: keep it)")
-    an.add_argument("--batch_size", type=int, default=256)
-    an.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    an.add_argument("--batch_size", type=_positive_int, default=256)
     an.add_argument("--seed", type=int, default=0)
-    an.add_argument("--no_progress", action="store_true", help="hide progress bars")
-
-
-TRAIN_EXTRA_MODULES = ("accelerate", "datasets", "sklearn", "tensorboard", "yaml")
-TRAIN_EXTRA_HINT = 'pip install "ddpm-plus[train]"'
+    _add_runtime_arguments(an)
 
 
 def _add_train_and_push_parsers(sub) -> None:
@@ -201,8 +235,6 @@ def _add_train_and_push_parsers(sub) -> None:
         help="train a DDPM in one process (flags: ddpm-plus train --help; "
         "many processes: accelerate launch -m ddpm_plus.train)",
     )
-    from .hub import add_push_arguments
-
     add_push_arguments(
         sub.add_parser(
             "push",
@@ -210,6 +242,142 @@ def _add_train_and_push_parsers(sub) -> None:
             "last sample grid to the Hub (never checkpoints or logs)",
         )
     )
+
+
+# Lazy imports below: the trainer and the modules that read datasets need the optional [train] extra
+# (accelerate, datasets, scikit-learn), which `push`, `--help` and a bad flag must not need.
+
+
+def evaluate(args) -> dict:
+    """``ddpm-plus evaluate``: the figures of the pipeline (printed, written as JSON, pushed if asked)."""
+    from .data import DatasetSource
+    from .evaluation.engine import cpu_threads, evaluate_pipeline, load_pipeline, model_geometry, resolve_device
+    from .evaluation.metrics_table import card_rows, model_index_entries
+    from .evaluation.outputs import write_evaluation
+    from .evaluation.real_images import load_eval_images
+    from .evaluation.sample_quality import FeatureExtractors
+    from .pipelines.pipeline_ddpm_plus import conditioning_of
+
+    options = EvaluationOptions(
+        **{name: getattr(args, flag) for name, flag in FLAGS["evaluate"].items()},
+        progress=not args.no_progress,
+        classifier_cache_dir=args.classifier_cache_dir,
+    )
+    on_digits = DatasetSource.parse(args.dataset).is_digits
+    options.check_for(on_digits=on_digits)  # before the pipeline is loaded, and again with its T
+    local = Path(args.pipeline).is_dir()
+    if args.push_to_hub and local and not args.hub_model_id:
+        raise EvaluationError("--push_to_hub on a local directory needs --hub_model_id")
+    device = resolve_device(args.device)
+    with cpu_threads(device, args.num_threads):
+        pipe = load_pipeline(args.pipeline).to(device)
+        options.check_for(on_digits=on_digits, num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps))
+        pipe.set_progress_bar_config(disable=args.no_progress)
+        pipe.unet.eval()
+        resolution, channels = model_geometry(pipe.unet.config, args.resolution)
+        extractors = FeatureExtractors.from_args(options.metrics, args, device, progress=options.progress)
+        labelled = conditioning_of(pipe).conditional and "bpd" in options.metrics
+        reals = load_eval_images(
+            args.dataset, resolution=resolution, channels=channels, split=args.split,
+            dataset_config=args.dataset_config, image_column=args.image_column,
+            label_column=args.label_column if labelled else None, max_images=options.max_images,
+        )  # fmt: skip
+        result = evaluate_pipeline(pipe, reals, options, extractors)
+    out_dir = args.output_dir or (
+        Path(args.pipeline) / "evaluation" if local else f"evaluation-{args.pipeline.replace('/', '__')}"
+    )
+    figures = write_evaluation(
+        result, out_dir, json_path=args.json, samples_dir=args.save_samples, header={"pipeline": str(args.pipeline)}
+    )
+    print(format_table(figures))
+    if args.push_to_hub:
+        repo_id = args.hub_model_id or args.pipeline
+        source = push_evaluation(
+            args.pipeline, repo_id, card_rows(figures), model_index_entries(figures, figures["dataset_key"]),
+            download_dir=Path(out_dir) / "pipeline", private=args.hub_private_repo, token=args.hub_token,
+        )  # fmt: skip
+        print(f"pushed {source} with the evaluation in its model card to {repo_id}")
+    return figures
+
+
+def analytic(args) -> dict:
+    """``ddpm-plus analytic``: the moment table of a pipeline, and a copy of it that samples with it."""
+    from .evaluation.analytic_export import apply_analytic_moments, save_analytic_pipeline
+    from .evaluation.engine import cpu_threads, load_pipeline, model_geometry, resolve_device
+    from .evaluation.real_images import load_analytic_images
+
+    device = resolve_device(args.device)
+    with cpu_threads(device, args.num_threads):
+        pipe = load_pipeline(args.pipeline).to(device)
+        resolution, channels = model_geometry(pipe.unet.config)
+        images, labels, where = load_analytic_images(
+            args.dataset, resolution=resolution, channels=channels, split=args.split,
+            num_images=args.num_images, num_bins=args.num_bins,
+        )  # fmt: skip
+        results = apply_analytic_moments(
+            pipe, images, labels, num_timesteps=args.num_timesteps, all_timesteps_below=args.all_timesteps_below,
+            eta=args.eta, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+    results = {"pipeline": str(args.pipeline), "dataset": where, **results}
+    out = save_analytic_pipeline(pipe, results, args.output_dir)
+    print(
+        f"Γ over {results['num_images']} images ({where}) at {results['timesteps_evaluated']} timesteps "
+        f"(largest standard error {results['max_stderr']:.4f}) in {results['seconds']} s; "
+        f"pipeline with variance_type='analytic' written to {out}"
+    )
+    return results
+
+
+def reference_stats(args) -> dict:
+    """``ddpm-plus reference-stats``: compute (or find) the cached reference statistics and print their paths."""
+    from .evaluation.engine import cpu_threads, resolve_device
+    from .evaluation.real_images import load_eval_images
+    from .evaluation.sample_quality import FeatureExtractors
+
+    metrics = parse_metrics(args.metrics)
+    device = resolve_device(args.device)
+    with cpu_threads(device, args.num_threads):
+        extractors = FeatureExtractors.from_args(metrics, args, device, progress=not args.no_progress)
+        reals = load_eval_images(
+            args.dataset, resolution=args.resolution, channels=args.channels, split=args.split,
+            dataset_config=args.dataset_config, image_column=args.image_column, max_images=args.max_images,
+        )  # fmt: skip
+        paths = {}
+        if extractors.inception is not None:
+            paths["inception"] = extractors.reference("inception", reals, need_features=True)[1]
+        if extractors.dinov2 is not None:
+            paths["dinov2"] = extractors.reference("dinov2", reals, need_features=False)[1]
+    for which, path in paths.items():
+        print(f"{which} reference statistics of {len(reals.images)} images ({reals.description}): {path}")
+    return paths
+
+
+COMMANDS = {"evaluate": evaluate, "analytic": analytic, "reference-stats": reference_stats}
+
+
+def _error_message(err: Exception, args) -> str:
+    """``error: ...`` naming the command's own flag for an options error, with a --hub_token never shown."""
+    if isinstance(err, EvaluationOptionsError):
+        flag = FLAGS.get(args.command, {}).get(err.option, err.option)
+        text = f"argument --{flag}: {err.message}"
+    else:
+        text = str(err)
+    return f"error: {redact(text, getattr(args, 'hub_token', None))}"
+
+
+def _run(args) -> int:
+    """One command; its errors become a message on stderr and an exit status."""
+    if getattr(args, "hub_token", None):
+        print(f"warning: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
+    try:
+        COMMANDS[args.command](args)
+    except EvaluationError as err:
+        print(_error_message(err, args), file=sys.stderr)
+        return USAGE_ERROR
+    except HubPushError as err:
+        print(_error_message(err, args), file=sys.stderr)
+        return FAILURE
+    return 0
 
 
 def _missing_train_extra(err: ImportError) -> str | None:
@@ -228,532 +396,10 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "push":
-        from .hub import push_command
-
         return push_command(args)
-    if args.command == "evaluate":
-        _evaluate_without_leaking_the_token(args)
-    if args.command == "analytic":
-        analytic(args)
-    if args.command == "reference-stats":
-        reference_stats(args)
-    return 0
-
-
-def _evaluate_without_leaking_the_token(args) -> None:
-    """``evaluate``, with a ``--hub_token`` warned about and never printed in an error."""
-    from .hub import TOKEN_ON_COMMAND_LINE, HubPushError
-    from .redaction import redact
-
-    if args.hub_token:
-        print(f"warning: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
-    try:
-        evaluate(args)
-    except HubPushError as err:
-        raise SystemExit(f"error: {redact(str(err), args.hub_token)}") from None
-
-
-def _check_args(args) -> tuple[str, ...]:
-    """Checks that need no model; returns the metrics to compute."""
-    from .evaluation.sample_evaluation import parse_metrics
-
-    for name in ("num_samples", "inference_steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("timesteps_respaced", "max_images", "resolution"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{name} must be >= 1, got {value}")
-    try:
-        metrics = parse_metrics(args.metrics)
-    except ValueError as err:
-        raise SystemExit(f"error: --metrics: {err}") from None
-    needs_two = args.dataset == "digits" or set(metrics) & {"fid", "kid", "fd_dinov2"}
-    if needs_two and args.num_samples < 2:
-        raise SystemExit("error: --num_samples must be >= 2 (a Frechet distance needs a covariance)")
-    if "precision_recall" in metrics and args.num_samples < 4:
-        raise SystemExit("error: --num_samples must be >= 4 for precision_recall (3 nearest neighbours)")
-    for name in ("inception_weights", "reference_stats"):
-        value = getattr(args, name)
-        if value is not None and not Path(value).is_file():
-            raise SystemExit(f"error: --{name} {value!r} is not a file")
-    return metrics
-
-
-def _respaced_timesteps(num_train: int, k: int) -> torch.Tensor:
-    """K timesteps evenly spaced over [0, T-1] (the scheduler module's ``respace``, "linspace" spacing),
-    descending, always containing 0 and T-1."""
-    from .schedulers.scheduling_ddpm_plus import respace
-
-    if k > num_train:
-        raise SystemExit(f"error: --timesteps_respaced {k} exceeds num_train_timesteps={num_train}")
-    if k < 2 <= num_train:
-        raise SystemExit("error: --timesteps_respaced needs K >= 2 (the bound's steps run from T-1 down to 0)")
-    return torch.from_numpy(respace(num_train, k, timestep_spacing="linspace").timesteps)
-
-
-def _digit_classes(conditioning) -> dict[int, int] | None:
-    """Class id -> digit for a conditional pipeline over the digits 0..9 (names '0'..'9', or 10 unnamed
-    classes); None for an unconditional one. Any other classes: an error (the evaluation is on digits)."""
-    if not conditioning.conditional:
-        return None
-    n = conditioning.num_classes
-    names = conditioning.id2label or ({str(i): str(i) for i in range(n)} if n == 10 else {})
-    digits = {int(k): v for k, v in names.items()}
-    if n != 10 or sorted(digits.values()) != [str(d) for d in range(10)]:
-        raise SystemExit(
-            "error: evaluate runs on the digits, so a class-conditional pipeline must have the 10 classes "
-            f"'0'..'9' (id2label); this one has {n} classes: {sorted(digits.values())[:12]}"
-        )
-    return {i: int(name) for i, name in digits.items()}
-
-
-def _sampling_labels(pipe, args, device):
-    """(pipeline keywords for labels and guidance, requested class id per sample or None), checked before
-    anything runs: a conditional pipeline samples the classes in turn (class-balanced)."""
-    from .pipelines.pipeline_ddpm_plus import conditioning_of, guidance_labels
-
-    conditioning = conditioning_of(pipe)
-    if not conditioning.conditional:
-        if args.guidance_scale != 1:
-            raise SystemExit(f"error: --guidance_scale {args.guidance_scale} needs a class-conditional pipeline")
-        return {}, None
-    ids = sorted(_digit_classes(conditioning)) if args.dataset == "digits" else list(range(conditioning.num_classes))
-    labels = [ids[i % len(ids)] for i in range(args.num_samples)]
-    try:
-        guidance_labels(conditioning, labels, args.num_samples, args.guidance_scale, device)
-    except ValueError as err:
-        raise SystemExit(f"error: --guidance_scale: {err}") from None
-    return {"class_labels": labels, "guidance_scale": args.guidance_scale}, labels
-
-
-def _model_geometry(unet, args) -> tuple[int, int]:
-    size = unet.config.sample_size
-    if not isinstance(size, int) and len(set(size)) != 1:
-        raise SystemExit(f"error: only square UNets are supported, sample_size={size}")
-    native = size if isinstance(size, int) else int(size[0])
-    return args.resolution or native, int(unet.config.in_channels)
-
-
-def _eval_images(args, resolution: int, channels: int, with_labels: bool):
-    """The real images of ``--dataset`` (with class ids for a conditional bound), or a clear error."""
-    from .evaluation.sample_evaluation import load_eval_images
-
-    try:
-        return load_eval_images(
-            args.dataset,
-            resolution=resolution,
-            channels=channels,
-            split=args.split,
-            dataset_config=args.dataset_config,
-            image_column=args.image_column,
-            label_column=(args.label_column if with_labels and args.dataset != "digits" else None),
-            max_images=args.max_images,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: --dataset {args.dataset!r}: {err}") from None
-
-
-def _bound(args, unet, scheduler, reals, conditioning) -> dict:
-    """bits/dim of the exact variational bound on ``reals`` (-log p(x|c) with each image's class for a
-    conditional model), on the data's own grid."""
-    from .data import load_digits_arrays
-    from .evaluation.likelihood import conditional_vlb_terms, vlb_terms
-
-    images = reals.images
-    num_train = int(scheduler.config.num_train_timesteps)
-    seq = None if args.timesteps_respaced is None else _respaced_timesteps(num_train, args.timesteps_respaced)
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(args.seed)
-    kwargs = dict(
-        timesteps=seq, num_bins=reals.num_bins, generator=gen, batch_size=args.batch_size, progress=not args.no_progress
-    )
-    if not conditioning.conditional:
-        terms = vlb_terms(unet, scheduler, images, **kwargs)
-    elif reals.is_digits:
-        digits = load_digits_arrays(reals.key["split"])[1][: len(images)]  # the same images, in the same order
-        id_of_digit = {d: i for i, d in _digit_classes(conditioning).items()}
-        terms = conditional_vlb_terms(unet, scheduler, images, np.array([id_of_digit[d] for d in digits]), **kwargs)
-    else:
-        terms = conditional_vlb_terms(unet, scheduler, images, reals.labels, **kwargs)
-    bpd = terms["total_bpd"]
-    n = len(bpd)
-    stderr = float(bpd.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    out = {
-        "bound_timesteps": "all" if seq is None else int(len(seq)),
-        "num_train_timesteps": num_train,
-        "variance_type": scheduler.config.variance_type,
-        "prediction_type": scheduler.config.prediction_type,
-        "bits_per_dim": float(bpd.mean()),
-        "bits_per_dim_stderr": stderr,
-        "prior_bits_per_dim": float(terms["prior_bpd"].mean()),
-        "decoder_bits_per_dim": float(terms["terms_bpd"][:, terms["decoder_index"]].mean()),
-        "bound_seconds": round(time.perf_counter() - t0, 2),
-        # the mean term of the bound per timestep (the decoder L_0 at timestep 0), bits/dim
-        "terms_timesteps": terms["timesteps"].tolist(),
-        "terms_bpd_mean": [round(v, 8) for v in terms["terms_bpd"].mean(0).tolist()],
-    }
-    if conditioning.conditional:
-        out["bound_conditioning"] = "-log p(x|c), c = each image's own class"
-    factor = dims_per_source_pixel(images.shape[-1], images.shape[1]) if reals.is_digits else None
-    if factor is not None:
-        # Nearest upsampling and channel replication are injective: total nats are the same, spread over
-        # C·(8k)² model dims instead of the 64 source pixels, so per source pixel = x C·k².
-        out["bits_per_source_pixel"] = out["bits_per_dim"] * factor
-        out["bits_per_source_pixel_stderr"] = stderr * factor
-    out["comparable_to_8x8_baselines"] = "bits_per_source_pixel" if factor is not None else None
-    return out
-
-
-def _samples_uint8(pipe, args, device, sampling_kwargs) -> torch.Tensor:
-    """``--num_samples`` samples quantised to uint8 [N, C, H, W] once; every sample metric uses these."""
-    from .evaluation.sample_metrics import quantize_uint8
-
-    sample_gen = torch.Generator(device=device).manual_seed(args.seed)
-    with torch.no_grad():
-        # "np" (N, H, W, C in [0, 1]) is what both DDPMPlusPipeline and diffusers' DDPMPipeline return.
-        samples = pipe(
-            batch_size=args.num_samples,
-            generator=sample_gen,
-            num_inference_steps=args.inference_steps,
-            output_type="np",
-            **sampling_kwargs,
-        ).images
-    return quantize_uint8(torch.from_numpy(np.asarray(samples, dtype=np.float32)).permute(0, 3, 1, 2))
-
-
-def save_sample_pngs(samples_uint8: torch.Tensor, folder) -> Path:
-    """Write each uint8 sample [C, H, W] as ``folder/000000.png`` (grey for one channel)."""
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, x in enumerate(samples_uint8.cpu().numpy()):
-        Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
-    return folder
-
-
-def _digits_figures(args, samples_uint8, reals, requested, digit_of) -> dict:
-    """The digits Frechet proxy (and the class accuracy of a conditional model) of the uint8 samples."""
-    from .data import digits_heldout_tensor
-    from .evaluation.digits_proxy import (
-        class_accuracy,
-        classifier_features,
-        frechet_distance,
-        load_or_train_digits_classifier,
-    )
-
-    classifier, accuracy = load_or_train_digits_classifier(args.classifier_cache_dir)
-    train_feats = classifier_features(classifier, digits_heldout_tensor(8, 1, split="train"))
-    samples = samples_uint8.float() / 127.5 - 1
-    perm = torch.randperm(len(reals.images), generator=torch.Generator().manual_seed(args.seed))
-    floor_images = reals.images[perm[: args.num_samples]]
-    out = {
-        "classifier_heldout_accuracy": accuracy,
-        "frechet_proxy_name": PROXY_NAME,
-        "frechet_proxy_samples_vs_train": frechet_distance(classifier_features(classifier, samples), train_feats),
-        "frechet_proxy_floor_heldout_vs_train": frechet_distance(
-            classifier_features(classifier, floor_images), train_feats
-        ),
-        "frechet_proxy_floor_num_images": int(len(floor_images)),
-    }
-    if requested is not None:
-        out["sample_class_accuracy"] = class_accuracy(classifier, samples, [digit_of[i] for i in requested])
-    return out
-
-
-def evaluate(args) -> dict:
-    """Run the evaluation described by parsed ``args``; returns the results dict (also written as JSON)."""
-    from diffusers import DiffusionPipeline
-
-    import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
-
-    from .evaluation.sample_evaluation import FeatureExtractors, compute_sample_metrics
-    from .evaluation.sample_metrics import MetricsSetupError
-    from .pipelines.pipeline_ddpm_plus import conditioning_of
-
-    metrics = _check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    local = Path(args.pipeline).is_dir()
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=args.no_progress)
-    unet, scheduler = pipe.unet.eval(), pipe.scheduler
-    conditioning = conditioning_of(pipe)
-    sampling_kwargs, requested = _sampling_labels(pipe, args, device)
-    resolution, channels = _model_geometry(unet, args)
-    try:
-        extractors = FeatureExtractors.from_args(metrics, args, device, progress=not args.no_progress)
-    except (MetricsSetupError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    reals = _eval_images(args, resolution, channels, with_labels=conditioning.conditional and "bpd" in metrics)
-    out_dir = Path(
-        args.output_dir
-        or (Path(args.pipeline) / "evaluation" if local else f"evaluation-{args.pipeline.replace('/', '__')}")
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = {
-        "pipeline": str(args.pipeline),
-        "dataset": reals.description,
-        "dataset_key": reals.key,
-        "metrics": list(metrics),
-        "num_images": len(reals.images),
-        "resolution": resolution,
-        "channels": channels,
-        "num_bins": reals.num_bins,
-    }
-    if "bpd" in metrics:
-        results.update(_bound(args, unet, scheduler, reals, conditioning))
-    samples = _samples_uint8(pipe, args, device, sampling_kwargs)
-    grid_path = out_dir / "samples_grid.png"
-    image_grid(samples.float() / 255).save(grid_path)
-    results.update({"num_samples": args.num_samples, "inference_steps": args.inference_steps})
-    results["sample_grid"] = str(grid_path)
-    if args.save_samples:
-        results["samples_dir"] = str(save_sample_pngs(samples, args.save_samples))
-    try:
-        results.update(compute_sample_metrics(samples, reals, metrics, extractors))
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    if reals.is_digits:
-        results.update(_digits_figures(args, samples, reals, requested, _digit_classes(conditioning)))
-    if requested is not None:
-        results.update(
-            {
-                "class_conditional": True,
-                "guidance_scale": args.guidance_scale,
-                "sampling": "class-balanced (the classes in turn)",
-            }
-        )
-    json_path = Path(args.json) if args.json else out_dir / "eval_results.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    results["json"] = str(json_path)
-    print(format_table(results))
-    if args.push_to_hub:
-        _push(args, results, local)
-    return results
-
-
-def _analytic_images(args, unet_config):
-    """(images [N, C, H, W] in [-1, 1], labels [N] or None, description) of ``--dataset``."""
-    size = unet_config.sample_size
-    resolution, channels = (size if isinstance(size, int) else int(size[0])), int(unet_config.in_channels)
-    if args.dataset == "digits":
-        from .data import digits_heldout_tensor, load_digits_arrays
-
-        images = digits_heldout_tensor(resolution, channels, split=args.split)
-        labels = load_digits_arrays(args.split)[1]
-        where = f"bundled scikit-learn digits, split={args.split!r}"
-    elif Path(args.dataset).is_dir():
-        from .data import ImageTransform, load_image_dataset, prepare_dataset
-
-        transform = ImageTransform(resolution, channels, center_crop=True, num_bins=args.num_bins)
-        data = prepare_dataset(load_image_dataset(train_data_dir=args.dataset), transform)
-        count = len(data) if args.num_images is None else min(args.num_images, len(data))
-        images, labels = torch.stack([data[i]["pixel_values"] for i in range(count)]), None
-        where = f"image folder {args.dataset}"
-    else:
-        raise SystemExit(f"error: --dataset must be 'digits' or a local image folder; got {args.dataset!r}")
-    if args.num_images is not None:
-        images = images[: args.num_images]
-        labels = None if labels is None else labels[: args.num_images]
-    return images, (None if labels is None else torch.as_tensor(labels)), where
-
-
-def analytic(args) -> dict:
-    """``ddpm-plus analytic``: the moment table of a pipeline, and a copy of it that samples with it."""
-    from diffusers import DiffusionPipeline
-
-    import ddpm_plus  # noqa: F401  (registers DDPMPlusPipeline/DDPMPlusScheduler with diffusers)
-
-    from .evaluation.analytic import _is_class_conditional, estimate_analytic_moments
-    from .schedulers.scheduling_ddpm_plus import DDPMPlusScheduler
-
-    for name in ("num_images", "num_timesteps", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{name} must be >= 1, got {value}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
-    pipe.to(device)
-    unet = pipe.unet.eval()
-    images, labels, where = _analytic_images(args, unet.config)
-    if not _is_class_conditional(unet):
-        labels = None
-    elif labels is None:
-        raise SystemExit("error: a class-conditional UNet needs labelled images: use --dataset digits")
-    T = int(pipe.scheduler.config.num_train_timesteps)
-    timesteps = None
-    if args.num_timesteps is not None and args.all_timesteps_below > 0:
-        from .schedulers.scheduling_ddpm_plus import respace
-
-        spaced = respace(T, args.num_timesteps, timestep_spacing="linspace").timesteps
-        timesteps, args.num_timesteps = np.union1d(spaced, np.arange(min(args.all_timesteps_below, T))), None
-    t0 = time.perf_counter()
-    gamma, stderr = estimate_analytic_moments(
-        unet,
-        pipe.scheduler,
-        images,
-        num_timesteps=args.num_timesteps,
-        timesteps=timesteps,
-        batch_size=args.batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
-        progress=not args.no_progress,
-        class_labels=labels,
-        return_stderr=True,
-    )
-    overrides = {"variance_type": "analytic", "analytic_moments": gamma.tolist()}
-    if args.eta is not None:
-        overrides["eta"] = args.eta
-    try:
-        pipe.scheduler = DDPMPlusScheduler.from_config(pipe.scheduler.config, **overrides)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    out = Path(args.output_dir)
-    pipe.save_pretrained(out)
-    evaluated = np.flatnonzero(np.isfinite(stderr.numpy()))
-    results = {
-        "pipeline": str(args.pipeline),
-        "dataset": where,
-        "num_images": int(images.shape[0]),
-        "timesteps_evaluated": int(len(evaluated)),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "eta": pipe.scheduler.config.eta,
-        "gamma_min_max": [float(gamma.min()), float(gamma.max())],
-        "max_stderr": float(np.nanmax(stderr.numpy())),
-        "analytic_moments": gamma.tolist(),
-        "stderr": [None if not math.isfinite(v) else v for v in stderr.tolist()],
-    }
-    (out / "analytic_moments.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(
-        f"Γ over {results['num_images']} images ({where}) at {results['timesteps_evaluated']} timesteps "
-        f"(largest standard error {results['max_stderr']:.4f}) in {results['seconds']} s; "
-        f"pipeline with variance_type='analytic' written to {out}"
-    )
-    return results
-
-
-def reference_stats(args) -> dict:
-    """``ddpm-plus reference-stats``: compute (or find) the cached reference statistics and print their paths."""
-    from .evaluation.sample_evaluation import FeatureExtractors, load_eval_images, parse_metrics
-    from .evaluation.sample_metrics import MetricsSetupError
-
-    try:
-        metrics = parse_metrics(args.metrics)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        extractors = FeatureExtractors.from_args(metrics, args, device, progress=not args.no_progress)
-        reals = load_eval_images(
-            args.dataset,
-            resolution=args.resolution,
-            channels=args.channels,
-            split=args.split,
-            dataset_config=args.dataset_config,
-            image_column=args.image_column,
-            max_images=args.max_images,
-        )
-    except (MetricsSetupError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
-    paths = {}
-    if extractors.inception is not None:
-        paths["inception"] = extractors.reference("inception", reals, need_features=True)[1]
-    if extractors.dinov2 is not None:
-        paths["dinov2"] = extractors.reference("dinov2", reals, need_features=False)[1]
-    for which, path in paths.items():
-        print(f"{which} reference statistics of {len(reals.images)} images ({reals.description}): {path}")
-    return paths
-
-
-def dims_per_source_pixel(resolution: int, channels: int) -> int | None:
-    """Model dimensions per pixel of a source 8x8 greyscale digit: C·k² when the digits were nearest-upsampled
-    by k = resolution / 8 and replicated to C channels, None when resolution is not a multiple of 8."""
-    return channels * (resolution // 8) ** 2 if resolution % 8 == 0 else None
-
-
-def _metric_rows(results: dict) -> list[tuple[str, str]]:
-    """(label, value) of each figure in ``results``; Frechet figures carry their sample count (FID@5k)."""
-    from .evaluation.sample_evaluation import frechet_label
-
-    n = results.get("num_samples", 0)
-    rows = []
-    if "bits_per_dim" in results:
-        where = f"{results['num_images']} images, {results['num_bins']} levels"
-        bpd = f"{results['bits_per_dim']:.4f} ± {results['bits_per_dim_stderr']:.4f}"
-        rows.append((f"bits/dim ({where})", bpd))
-        if "bits_per_source_pixel" in results:
-            rows.append(("bits per source 8x8 pixel (compare to baselines)", f"{results['bits_per_source_pixel']:.4f}"))
-        prior, decoder = results["prior_bits_per_dim"], results["decoder_bits_per_dim"]
-        rows.append(("  prior L_T / decoder L_0", f"{prior:.5f} / {decoder:.4f}"))
-    n_ref = results.get("num_reference")
-    if "fid" in results:
-        rows.append((frechet_label("FID", n), f"{results['fid']:.3f} (reference: {n_ref} images)"))
-    if "kid_mean" in results:
-        rows.append((f"KID ({n} samples)", f"{results['kid_mean']:.5f} ± {results['kid_std']:.5f}"))
-    if "precision" in results:
-        rows.append((f"precision / recall ({n} samples)", f"{results['precision']:.4f} / {results['recall']:.4f}"))
-    if "fd_dinov2" in results:
-        rows.append((frechet_label("FD_DINOv2", n), f"{results['fd_dinov2']:.3f} (reference: {n_ref} images)"))
-    if "frechet_proxy_samples_vs_train" in results:
-        rows.append((PROXY_NAME, f"{results['frechet_proxy_samples_vs_train']:.3f} ({n} samples)"))
-        floor = results["frechet_proxy_floor_heldout_vs_train"]
-        rows.append(
-            ("  floor: held-out real vs train", f"{floor:.3f} ({results['frechet_proxy_floor_num_images']} images)")
-        )
-        rows.append(("classifier held-out accuracy", f"{results['classifier_heldout_accuracy']:.4f}"))
-    if "sample_class_accuracy" in results:
-        label = f"samples classified as the requested digit (w = {results['guidance_scale']:g})"
-        rows.append((label, f"{results['sample_class_accuracy']:.4f}"))
-    return rows
-
-
-def card_metrics(results: dict) -> dict:
-    """The figures that go into the model card's Evaluation table."""
-    return {"dataset": results["dataset"], **dict(_metric_rows(results))}
-
-
-def format_table(results: dict) -> str:
-    from .evaluation.sample_evaluation import SMALL_N, SMALL_N_WARNING
-
-    rows = [("dataset", results["dataset"]), *_metric_rows(results)]
-    rows += [("sample grid", results["sample_grid"]), ("json", results.get("json", ""))]
-    width = max(len(k) for k, _ in rows)
-    table = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-    if ("fid" in results or "fd_dinov2" in results) and results["num_samples"] < SMALL_N:
-        table += f"\nwarning: {SMALL_N_WARNING} (n = {results['num_samples']})"
-    return table
-
-
-def _push(args, results: dict, local: bool) -> None:
-    from . import hub
-
-    repo_id = args.hub_model_id or (None if local else args.pipeline)
-    if repo_id is None:
-        raise SystemExit("error: --push_to_hub on a local directory needs --hub_model_id")
-    if local:
-        source = Path(args.pipeline)
-    else:
-        from huggingface_hub import snapshot_download
-
-        source = Path(
-            snapshot_download(
-                args.pipeline, local_dir=Path(results["sample_grid"]).parent / "pipeline", token=args.hub_token
-            )
-        )
-    if not (source / "README.md").is_file():
-        hub.write_model_card(source)
-    from .evaluation.sample_evaluation import model_index_entries
-
-    hub.set_card_evaluation(
-        source, card_metrics(results), model_index=model_index_entries(results, results["dataset_key"])
-    )
-    hub.push_output_dir(
-        source,
-        repo_id,
-        private=args.hub_private_repo,
-        token=args.hub_token,
-        commit_message="Add ddpm-plus evaluation results",
-    )
-    print(f"pushed {source} with the evaluation in its model card to {repo_id}")
+    if args.command == "convert":
+        return convert_command(args)
+    return _run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from importlib import resources
@@ -30,6 +31,7 @@ TEMPLATE = "ddpm_plus_unconditional.md"
 CARD_TAGS = ["ddpm_plus", "diffusers", "unconditional-image-generation"]
 # What a push uploads, relative to the output directory (fnmatch patterns, as huggingface_hub uses them)...
 PUSH_ALLOW_PATTERNS = ["model_index.json", "scheduler/*.json", "unet/*.json", "unet/*.safetensors"]
+PUSH_ALLOW_PATTERNS += ["vae/*.json", "vae/*.safetensors"]  # a latent model's autoencoder
 # ...and what it never uploads, even if matched above (training state, pickles).
 PUSH_IGNORE_PATTERNS = [
     "checkpoint-*",
@@ -47,9 +49,8 @@ TOKEN_ON_COMMAND_LINE = (
     "--hub_token: a token on the command line is visible to other users of this machine (ps, /proc) and "
     "stays in the shell history; prefer HF_TOKEN or `hf auth login`"
 )
-# Its run_as_future queue (one worker) runs every push of this process in call order, background or not,
-# so a slow push of an older checkpoint can never land after a newer one.
-_PUSH_QUEUE = HfApi()
+_PUSH_QUEUE_LOCK = threading.Lock()
+_push_queue_api: HfApi | None = None
 
 
 class HubPushError(RuntimeError):
@@ -105,6 +106,7 @@ def render_model_card(
     id2label: Mapping[int | str, str] | None = None,
     class_dropout_prob: float | None = None,
     grid_guidance_scale: float | None = None,
+    latent: str | None = None,
 ) -> str:
     """The model card (README.md text) of a trained ddpm_plus pipeline.
 
@@ -113,7 +115,8 @@ def render_model_card(
     arguments (keys naming tokens, secrets or passwords are left out). ``eval_results`` maps a figure's
     name to its value. ``sample_grid`` is the grid's path relative to the repo root. A class-conditional
     model passes its classes (``id2label``), the label dropout it was trained with and the guidance scale
-    of its sample grid: the card lists them and its usage snippet samples by class name.
+    of its sample grid: the card lists them and its usage snippet samples by class name. ``latent`` describes
+    a latent diffusion model (its VAE and scaling); the card then names ``LatentDDPMPlusPipeline``.
     """
     data = ModelCardData(
         library_name="diffusers",
@@ -138,6 +141,8 @@ def render_model_card(
         "training_config": _table(config, ("argument", "value")) if config else "Not recorded.",
         "evaluation": _table(dict(eval_results), ("metric", "value")) if eval_results else "Not evaluated.",
         **_conditioning_values(id2label, class_dropout_prob, grid_guidance_scale),
+        "pipeline_class": "LatentDDPMPlusPipeline" if latent else "DDPMPlusPipeline",
+        "latent": f"\n{latent}\n" if latent else "",
     }
     text = Template(_template(TEMPLATE)).substitute(values)
     ModelCard(text, ignore_metadata_errors=False)  # parses the YAML block: fails here, not on the Hub
@@ -207,33 +212,30 @@ def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, 
     return path
 
 
-MODEL_INDEX_REQUIRED = ("type", "name", "value", "dataset_name", "dataset_type")
+MODEL_INDEX_REQUIRED = ("metric_type", "metric_name", "metric_value", "dataset_name", "dataset_type")
+MODEL_INDEX_OPTIONAL = ("dataset_split", "dataset_config", "metric_args")
 
 
 def _eval_result(entry: Mapping[str, Any]):
-    """One ``model-index`` entry (see :func:`set_card_evaluation`) as huggingface_hub's ``EvalResult``."""
+    """One ``model-index`` entry (keyword arguments of huggingface_hub's ``EvalResult``), checked, as an
+    ``EvalResult`` of the unconditional-image-generation task."""
     from huggingface_hub import EvalResult
 
     if not isinstance(entry, Mapping):
         raise ValueError(f"model_index entry {entry!r} is not a mapping")
+    unknown = sorted(set(entry) - set(MODEL_INDEX_REQUIRED) - set(MODEL_INDEX_OPTIONAL))
+    if unknown:
+        allowed = ", ".join(MODEL_INDEX_REQUIRED + MODEL_INDEX_OPTIONAL)
+        raise ValueError(f"model_index entry {dict(entry)!r} has unknown fields {unknown}; allowed: {allowed}")
     for name in MODEL_INDEX_REQUIRED:
         if entry.get(name) in (None, ""):
             raise ValueError(f"model_index entry {dict(entry)!r} lacks {name!r}")
-    value = entry["value"]
+    value = entry["metric_value"]
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"model_index entry {dict(entry)!r}: 'value' must be a finite number, got {value!r}")
-    return EvalResult(
-        task_type="unconditional-image-generation",
-        task_name="Image generation",
-        dataset_type=str(entry["dataset_type"]),
-        dataset_name=str(entry["dataset_name"]),
-        dataset_split=entry.get("dataset_split"),
-        dataset_config=entry.get("dataset_config"),
-        metric_type=str(entry["type"]),
-        metric_name=str(entry["name"]),
-        metric_value=float(value),
-        metric_args={k: v for k, v in (entry.get("args") or {}).items() if v is not None} or None,
-    )
+        raise ValueError(f"model_index entry {dict(entry)!r}: 'metric_value' must be a finite number, got {value!r}")
+    args = {k: v for k, v in (entry.get("metric_args") or {}).items() if v is not None} or None
+    fields = {**entry, "metric_value": float(value), "metric_args": args}
+    return EvalResult(task_type="unconditional-image-generation", task_name="Image generation", **fields)
 
 
 def set_card_evaluation(
@@ -243,9 +245,11 @@ def set_card_evaluation(
     model_index: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Replace the Evaluation section of ``output_dir/README.md`` with a table of ``eval_results``
-    (e.g. from ``ddpm-plus evaluate``), keeping the rest of the card. ``model_index`` (entries with
-    ``type``, ``name``, ``value``, ``dataset_name``, ``dataset_type`` and optionally ``dataset_split``,
-    ``dataset_config``, ``args``) also replaces the card's Hub ``model-index`` results, so the Hub shows them."""
+    (e.g. from ``ddpm-plus evaluate``), keeping the rest of the card. ``model_index`` (entries as made by
+    :func:`ddpm_plus.evaluation.metrics_table.model_index_entries`: huggingface_hub ``EvalResult`` fields
+    ``metric_type``, ``metric_name``, ``metric_value``, ``dataset_name``, ``dataset_type`` and optionally
+    ``dataset_split``, ``dataset_config``, ``metric_args``) also replaces the card's Hub ``model-index``
+    results, so the Hub shows them; entries are checked before anything is written."""
     path = Path(output_dir) / "README.md"
     text = path.read_text(encoding="utf-8")
     start = text.find("\n## Evaluation\n")
@@ -306,6 +310,16 @@ def _operations(root: Path, repo_id: str) -> list[CommitOperationAdd]:
     return ops
 
 
+def _push_queue() -> HfApi:
+    """The process's one push queue, created by the first push (never at import): its run_as_future queue (one
+    worker) runs every push in call order, background or not, so an older checkpoint never lands after a newer one."""
+    global _push_queue_api
+    with _PUSH_QUEUE_LOCK:
+        if _push_queue_api is None:
+            _push_queue_api = HfApi()
+        return _push_queue_api
+
+
 def _push(api: HfApi, ops, root: Path, repo_id: str, private: bool, commit_message: str):
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -356,8 +370,36 @@ def push_output_dir(
     if not token:
         raise _fail("no Hugging Face token (pass --hub_token, set HF_TOKEN or run `hf auth login`)", root, repo_id)
     ops = _operations(root, repo_id)
-    future: Future = _PUSH_QUEUE.run_as_future(_push, HfApi(token=token), ops, root, repo_id, private, commit_message)
+    future: Future = _push_queue().run_as_future(_push, HfApi(token=token), ops, root, repo_id, private, commit_message)
     return future if run_as_future else future.result()
+
+
+def push_evaluation(
+    pipeline: str,
+    repo_id: str,
+    card_rows: Mapping[str, Any],
+    model_index: Sequence[Mapping[str, Any]],
+    *,
+    download_dir: str | os.PathLike,
+    private: bool = False,
+    token: str | None = None,
+) -> Path:
+    """Put evaluation figures into the model card of ``pipeline`` (a local pipeline directory, or a Hub repo id
+    downloaded into ``download_dir``; a missing card is written first) and push it to ``repo_id``. Returns the
+    directory pushed; failures are :class:`HubPushError`."""
+    source = Path(pipeline)
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            source = Path(snapshot_download(pipeline, local_dir=download_dir, token=token))
+        except Exception as err:  # any client/HTTP/network error: one error type, one message
+            raise HubPushError(f"could not download {pipeline!r} to update its model card: {_describe(err)}") from err
+    if not (source / "README.md").is_file():
+        write_model_card(source)
+    set_card_evaluation(source, card_rows, model_index=model_index)
+    push_output_dir(source, repo_id, private=private, token=token, commit_message="Add ddpm-plus evaluation results")
+    return source
 
 
 # ----------------------------------------------------------------------------- `ddpm-plus push`

@@ -11,6 +11,7 @@ from test_evaluate import _save_tiny_pipeline
 
 from ddpm_plus import DDPMPlusPipeline, bits_per_dim, cli, estimate_analytic_moments
 from ddpm_plus.data import digits_heldout_tensor
+from ddpm_plus.evaluation.options import bound_timesteps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +48,7 @@ def test_analytic_writes_a_pipeline_with_the_table(tiny_pipeline, tmp_path, caps
     assert json.loads((out2 / "analytic_moments.json").read_text())["timesteps_evaluated"] == 7  # {0,1,2,5,9,14,19}
 
 
-def test_analytic_on_an_image_folder(tiny_pipeline, tmp_path):
+def test_analytic_on_an_image_folder(tiny_pipeline, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -58,8 +59,9 @@ def test_analytic_on_an_image_folder(tiny_pipeline, tmp_path):
     assert cli.main(argv) == 0
     meta = json.loads((out / "analytic_moments.json").read_text())
     assert meta["num_images"] == 5 and meta["dataset"].startswith("image folder")
-    with pytest.raises(SystemExit, match="--dataset"):
-        cli.main(["analytic", str(tiny_pipeline), "--dataset", str(tmp_path / "nope"), "--output_dir", str(out)])
+    argv = ["analytic", str(tiny_pipeline), "--dataset", str(tmp_path / "nope"), "--output_dir", str(out)]
+    assert cli.main(argv) == 2
+    assert "dataset must be 'digits' or a local image folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -91,7 +93,7 @@ def test_evaluate_respaced_bound_uses_the_analytic_variance(tiny_pipeline, tmp_p
         pipe.scheduler,
         digits_heldout_tensor(8, 1)[:6],
         num_bins=17,
-        timesteps=cli._respaced_timesteps(20, 5),
+        timesteps=bound_timesteps(20, 5),
         generator=torch.Generator().manual_seed(0),
         progress=False,
     )

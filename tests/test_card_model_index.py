@@ -1,5 +1,6 @@
 """set_card_evaluation(model_index=...): the figures go into the card's Hub ``model-index`` metadata,
-read back with huggingface_hub's own ModelCard."""
+read back with huggingface_hub's own ModelCard; entries use ``EvalResult``'s own field names and are passed
+through (hub.py holds no metric names of its own)."""
 
 import math
 
@@ -15,23 +16,23 @@ ROWS = {"fid": 12.3, "fd_dinov2": 345.6}
 def _entries(fid=12.3, fd=345.6):
     return [
         {
-            "type": "fid",
-            "name": "FID@5k",
-            "value": fid,
+            "metric_type": "fid",
+            "metric_name": "FID@5k",
+            "metric_value": fid,
             "dataset_name": "cifar10",
             "dataset_type": "cifar10",
             "dataset_split": "test",
             "dataset_config": None,
-            "args": {"num_samples": 5000, "num_reference": 10000, "feature_extractor": "inception-v3-compat"},
+            "metric_args": {"num_samples": 5000, "num_reference": 10000, "feature_extractor": "inception-v3-compat"},
         },
         {
-            "type": "fd_dinov2",
-            "name": "FD-DINOv2@5k",
-            "value": fd,
+            "metric_type": "fd_dinov2",
+            "metric_name": "FD-DINOv2@5k",
+            "metric_value": fd,
             "dataset_name": "cifar10",
             "dataset_type": "cifar10",
             "dataset_split": "test",
-            "args": {"num_samples": 5000, "num_reference": 10000, "feature_extractor": "dinov2-vit-s14"},
+            "metric_args": {"num_samples": 5000, "num_reference": 10000, "feature_extractor": "dinov2-vit-s14"},
         },
     ]
 
@@ -121,7 +122,7 @@ def test_an_empty_model_index_drops_the_results(card_dir):
     assert ModelCard.load(path).data.eval_results is None
 
 
-@pytest.mark.parametrize("field", ["type", "name", "value", "dataset_name", "dataset_type"])
+@pytest.mark.parametrize("field", ["metric_type", "metric_name", "metric_value", "dataset_name", "dataset_type"])
 def test_an_entry_missing_a_field_is_refused_naming_it(card_dir, field):
     path = card_dir / "README.md"
     original = path.read_text(encoding="utf-8")
@@ -137,7 +138,39 @@ def test_an_entry_missing_a_field_is_refused_naming_it(card_dir, field):
 def test_a_non_finite_value_is_refused(card_dir, value):
     path = card_dir / "README.md"
     original = path.read_text(encoding="utf-8")
-    with pytest.raises(ValueError, match=r"'value' must be a finite number") as err:
+    with pytest.raises(ValueError, match=r"'metric_value' must be a finite number") as err:
         set_card_evaluation(card_dir, ROWS, model_index=_entries(fid=value))
     assert "FID@5k" in str(err.value)
     assert path.read_text(encoding="utf-8") == original
+
+
+def test_an_unknown_field_is_refused_naming_the_allowed_ones(card_dir):
+    path = card_dir / "README.md"
+    original = path.read_text(encoding="utf-8")
+    entries = _entries()
+    entries[0]["type"] = "fid"  # the old key: no longer understood, so it must not be silently dropped
+    with pytest.raises(ValueError, match=r"unknown fields \['type'\]; allowed: metric_type, metric_name"):
+        set_card_evaluation(card_dir, ROWS, model_index=entries)
+    assert path.read_text(encoding="utf-8") == original
+
+
+def test_the_metric_tables_entries_go_through_unchanged(card_dir):
+    """What the evaluation's metric table makes is what the card holds: names, values, extractor, counts."""
+    from ddpm_plus.evaluation.metrics_table import model_index_entries
+
+    results = {"num_samples": 5000, "num_reference": 10000, "fid": 12.5, "kid_mean": 0.01, "kid_std": 0.001}
+    results.update(bits_per_dim=1.25, fd_dinov2=300.0, dinov2_model="dinov2:facebook/dinov2-small")
+    key = {"dataset": "cifar10", "split": "test", "config": None}
+    set_card_evaluation(card_dir, ROWS, model_index=model_index_entries(results, key))
+    got = {r.metric_type: r for r in ModelCard.load(card_dir / "README.md").data.eval_results}
+    assert {t: (r.metric_name, r.metric_value) for t, r in got.items()} == {
+        "bits_per_dim": ("bits/dim", 1.25),
+        "fid": ("FID@5k", 12.5),
+        "kid": ("KID@5k", 0.01),
+        "fd_dinov2": ("FD_DINOv2@5k", 300.0),
+    }
+    assert got["fid"].metric_args == {
+        "num_samples": 5000, "num_reference": 10000, "feature_extractor": "inception-v3-compat"
+    }  # fmt: skip
+    assert got["fd_dinov2"].metric_args["feature_extractor"] == "dinov2:facebook/dinov2-small"
+    assert got["bits_per_dim"].metric_args is None and got["fid"].dataset_split == "test"

@@ -12,12 +12,14 @@ from scipy import linalg
 
 import ddpm_plus  # noqa: F401
 from ddpm_plus import cli
+from ddpm_plus.evaluation.bound import dims_per_source_pixel
 from ddpm_plus.evaluation.digits_proxy import (
     classifier_features,
     frechet_distance,
     load_or_train_digits_classifier,
     to_digits_frame,
 )
+from ddpm_plus.evaluation.options import bound_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +36,8 @@ def test_classifier_data_comes_from_the_one_digits_loader(monkeypatch):
         calls.append(split)
         return levels, np.array([3, 1, 4])
 
-    monkeypatch.setattr(data, "load_digits_arrays", fake_load_digits_arrays)
+    assert evaluation.load_digits_arrays is data.load_digits_arrays  # the one loader, imported
+    monkeypatch.setattr(evaluation, "load_digits_arrays", fake_load_digits_arrays)
     x, y = evaluation._digits_arrays("test")
     assert calls == ["test"]
     assert x.shape == (3, 1, 8, 8) and x.dtype == torch.float32 and y.tolist() == [3, 1, 4]
@@ -157,7 +160,7 @@ def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path,
     # the same figure from the library call (same seed, same respaced timesteps)
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline)
     images = digits_heldout_tensor(16, 1)[:6]
-    seq = cli._respaced_timesteps(20, 5)
+    seq = bound_timesteps(20, 5)
     assert seq.tolist() == [19, 14, 10, 5, 0]
     direct = bits_per_dim(
         pipe.unet,
@@ -186,7 +189,7 @@ def test_evaluate_end_to_end_and_push(tiny_pipeline, classifier_cache, tmp_path,
 )
 def test_dims_per_source_pixel_counts_channels(resolution, channels, dims):
     """A C-channel model at 8k x 8k has C·k² dimensions per pixel of the 8x8 greyscale source digit."""
-    assert cli.dims_per_source_pixel(resolution, channels) == dims
+    assert dims_per_source_pixel(resolution, channels) == dims
 
 
 def test_evaluate_rgb_bits_per_source_pixel_counts_the_channels(classifier_cache, tmp_path):
@@ -226,13 +229,17 @@ def test_evaluate_rgb_bits_per_source_pixel_counts_the_channels(classifier_cache
     "extra,match",
     [
         (["--inception_weights", "/nonexistent/pt_inception.pth"], "is not a file"),
-        (["--num_samples", "1"], "num_samples"),
-        (["--timesteps_respaced", "0"], "timesteps_respaced"),
+        (["--num_samples", "1"], "argument --num_samples: must be an integer >= 2"),
+        (["--timesteps_respaced", "0"], "argument --timesteps_respaced: must be an integer >= 2"),
+        (["--timesteps_respaced", "21"], "argument --timesteps_respaced: must be None (all timesteps) or an integer K"),
+        (["--inference_steps", "21"], "argument --inference_steps: must be <= num_train_timesteps=20, got 21"),
     ],
 )
 def test_evaluate_argument_errors(tiny_pipeline, extra, match, capsys):
-    with pytest.raises(SystemExit, match=match):
-        cli.main(["evaluate", str(tiny_pipeline), "--no_progress", *extra])
+    """Bad input: one line on stderr naming the flag, exit status 2 (as argparse's own errors)."""
+    assert cli.main(["evaluate", str(tiny_pipeline), "--no_progress", "--inference_steps", "2", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after diffusers' loading bar
+    assert err.startswith("error: ") and match in err
 
 
 def test_console_script_is_declared(capsys):
@@ -280,11 +287,10 @@ def test_evaluate_hub_token_is_warned_about_and_never_printed(
         "--hub_token",
         hub_server.token,
     ]
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
+    assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert "visible to other users" in err
-    assert hub_server.token not in str(exit_info.value) and hub_server.token not in err
+    assert "visible to other users" in err and "error: Pushing" in err
+    assert hub_server.token not in err
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             assert hub_server.token.encode() not in path.read_bytes(), path

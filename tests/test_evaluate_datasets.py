@@ -15,6 +15,8 @@ from test_evaluate import _save_tiny_pipeline
 from ddpm_plus import cli
 from ddpm_plus.evaluation import sample_metrics
 from ddpm_plus.evaluation.likelihood import bits_per_dim
+from ddpm_plus.evaluation.metrics_table import format_table
+from ddpm_plus.evaluation.options import bound_timesteps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +58,7 @@ def test_folder_bits_per_dim_equals_the_python_api_on_the_same_tensors(rgb_pipel
     pipe = DiffusionPipeline.from_pretrained(rgb_pipeline)
     images = _folder_uint8(folder).double() / 127.5 - 1  # independent of the trainer's transform
     direct = bits_per_dim(
-        pipe.unet, pipe.scheduler, images.float(), num_bins=256, timesteps=cli._respaced_timesteps(20, 3),
+        pipe.unet, pipe.scheduler, images.float(), num_bins=256, timesteps=bound_timesteps(20, 3),
         generator=torch.Generator().manual_seed(0), progress=False,
     )  # fmt: skip
     assert res["bits_per_dim"] == pytest.approx(direct.mean().item(), rel=1e-9)
@@ -90,7 +92,7 @@ def test_every_metric_on_a_folder_matches_the_saved_samples(
     mu1, s1 = sample_metrics.gaussian_stats(dino(saved))
     mu2, s2 = sample_metrics.gaussian_stats(dino(_folder_uint8(folder)))
     assert res["fd_dinov2"] == pytest.approx(sample_metrics.frechet_distance_from_stats(mu1, s1, mu2, s2), rel=1e-6)
-    table = (tmp_path / "out").exists() and cli.format_table(res)
+    table = (tmp_path / "out").exists() and format_table(res)
     assert "FID@6" in table and "FD_DINOv2@6" in table and "biased upward" in table
     # a second run reuses both cached reference statistics (same files, not rewritten)
     files = sorted(cache.rglob("*.npz"))
@@ -140,23 +142,27 @@ def test_reference_stats_command_precomputes_what_evaluate_reuses(
     ],
 )
 def test_bad_input_is_refused_before_sampling(
-    rgb_pipeline, folder, tmp_path, random_inception_weights, monkeypatch, extra, match
+    rgb_pipeline, folder, tmp_path, random_inception_weights, monkeypatch, extra, match, capsys
 ):
     (tmp_path / "empty").mkdir()
     (tmp_path / "corrupt.npz").write_bytes(b"not a zip file")
     subs = {"{folder}": str(folder), "{empty}": str(tmp_path / "empty"), "{corrupt}": str(tmp_path / "corrupt.npz")}
     subs["{weights}"] = str(random_inception_weights)
-    monkeypatch.setattr("ddpm_plus.cli._samples_uint8", lambda *a, **k: pytest.fail("sampled before the check"))
-    argv = ["evaluate", str(rgb_pipeline), "--no_progress", *[subs.get(a, a) for a in extra]]
-    with pytest.raises(SystemExit, match=match):
-        cli.main(argv)
+    monkeypatch.setattr(
+        "ddpm_plus.evaluation.engine.sample_uint8", lambda *a, **k: pytest.fail("sampled before the check")
+    )
+    argv = ["evaluate", str(rgb_pipeline), "--no_progress", "--inference_steps", "2", *[subs.get(a, a) for a in extra]]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after diffusers' loading bar
+    assert err.startswith("error: ") and match in err
 
 
-def test_offline_without_inception_weights_names_both_options(rgb_pipeline, tmp_path, monkeypatch):
+def test_offline_without_inception_weights_names_both_options(rgb_pipeline, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = ["evaluate", str(rgb_pipeline), "--metrics", "fid", "--stats_cache_dir", str(tmp_path), "--no_progress"]
-    with pytest.raises(SystemExit, match="--inception_weights"):
-        cli.main(argv)
+    argv += ["--inference_steps", "2"]
+    assert cli.main(argv) == 2
+    assert "--inception_weights" in capsys.readouterr().err
 
 
 def test_training_evaluates_logs_and_writes_the_model_index(tmp_path, random_inception_weights):

@@ -401,3 +401,21 @@ def test_every_subpackage_is_packaged():
     packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ddpm_plus").rglob("*.py")}
     assert on_disk <= packages, f"add {sorted(on_disk - packages)} to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_importing_hub_creates_no_client():
+    """No HfApi is built at import (it reads the token and endpoint); the push queue is made by the first push."""
+    code = (
+        "import huggingface_hub\n"
+        "made = []\n"
+        "init = huggingface_hub.HfApi.__init__\n"
+        "def counting(self, *a, **k):\n"
+        "    made.append(1)\n"
+        "    init(self, *a, **k)\n"
+        "huggingface_hub.HfApi.__init__ = counting\n"
+        "import ddpm_plus.hub, ddpm_plus.cli\n"
+        "print(len(made))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

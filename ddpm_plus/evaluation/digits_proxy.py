@@ -7,7 +7,8 @@ with the reference floor computed the same way (held-out real digits vs the trai
 
 For class-conditional models the same classifier measures fidelity to the requested class
 (:func:`class_accuracy`: the share of samples it assigns to the class they were sampled for), to be read
-next to its own accuracy on held-out real digits.
+next to its own accuracy on held-out real digits. :func:`digits_proxy_figures` computes all of these for one
+set of uint8 samples.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache import default_cache_dir
+from ..data import DIGITS_NUM_BINS, digits_heldout_tensor, load_digits_arrays
+from .metrics_table import PROXY_NAME
+from .sample_metrics import frechet_distance_from_stats, gaussian_stats
+
 __all__ = [
     "DigitsClassifier",
     "load_or_train_digits_classifier",
@@ -28,8 +34,9 @@ __all__ = [
     "classify",
     "class_accuracy",
     "frechet_distance",
-    "default_cache_dir",
+    "digits_proxy_figures",
 ]
+
 
 CLASSIFIER_VERSION = "1"  # bump when the architecture or training recipe changes (new cache file)
 _TRAIN_SEED = 0
@@ -56,23 +63,15 @@ class DigitsClassifier(nn.Module):
         return self.fc2(self.features(x))
 
 
-def default_cache_dir() -> Path:
-    """``$DDPM_PLUS_CACHE`` or ``$XDG_CACHE_HOME/ddpm_plus`` (default ``~/.cache/ddpm_plus``)."""
-    if os.environ.get("DDPM_PLUS_CACHE"):
-        return Path(os.environ["DDPM_PLUS_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm_plus"
-
-
 def _digits_arrays(split: str):
     """(images [N,1,8,8] float32 on the 17-level grid in [-1, 1], labels [N]) of the bundled digits, from
     :func:`ddpm_plus.data.load_digits_arrays` (the one digits loader; same split)."""
-    from ..data import DIGITS_NUM_BINS, load_digits_arrays
-
     levels, labels = load_digits_arrays(split)
     x = torch.from_numpy(levels).float() * (2.0 / (DIGITS_NUM_BINS - 1)) - 1.0  # level v -> v / 16 * 2 - 1
     return x[:, None], torch.from_numpy(labels).long()
 
 
+@torch.enable_grad()  # also when called under no_grad (e.g. the trainer's evaluation of its EMA weights)
 def _train(epochs: int = 20, batch_size: int = 128) -> DigitsClassifier:
     """Deterministic CPU training (seeded init and batch order, small random shifts as augmentation)."""
     g = torch.Generator().manual_seed(_TRAIN_SEED)
@@ -156,8 +155,31 @@ def class_accuracy(model: DigitsClassifier, images: torch.Tensor, digits) -> flo
 
 def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussian fits of two feature sets (float64)."""
-    from .sample_metrics import frechet_distance_from_stats, gaussian_stats
-
     if len(feats1) < 2 or len(feats2) < 2:
         raise ValueError("the Frechet distance needs at least 2 samples on each side")
     return frechet_distance_from_stats(*gaussian_stats(feats1), *gaussian_stats(feats2))
+
+
+def digits_proxy_figures(
+    samples_uint8: torch.Tensor, heldout: torch.Tensor, *, seed: int, requested_digits=None, cache_dir=None
+) -> dict:
+    """The proxy of uint8 samples [N, C, H, W] (vs the train split's features), its floor (as many ``heldout``
+    real images in [-1, 1], drawn with ``seed``) and the classifier's held-out accuracy; with
+    ``requested_digits`` (one per sample) also the share of samples classified as their digit."""
+    classifier, accuracy = load_or_train_digits_classifier(cache_dir)
+    train_feats = classifier_features(classifier, digits_heldout_tensor(8, 1, split="train"))
+    samples = samples_uint8.float() / 127.5 - 1
+    perm = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(seed))
+    floor_images = heldout[perm[: len(samples)]]
+    out = {
+        "classifier_heldout_accuracy": accuracy,
+        "frechet_proxy_name": PROXY_NAME,
+        "frechet_proxy_samples_vs_train": frechet_distance(classifier_features(classifier, samples), train_feats),
+        "frechet_proxy_floor_heldout_vs_train": frechet_distance(
+            classifier_features(classifier, floor_images), train_feats
+        ),
+        "frechet_proxy_floor_num_images": int(len(floor_images)),
+    }
+    if requested_digits is not None:
+        out["sample_class_accuracy"] = class_accuracy(classifier, samples, requested_digits)
+    return out

@@ -3,12 +3,14 @@ port of the TensorFlow network papers use) for FID (Heusel et al. 2017), KID (Bi
 precision/recall (Kynkaanniemi et al. 2019); DINOv2 features (transformers' ``Dinov2Model``) for FD_DINOv2
 (Stein et al. 2023); Frechet distances in float64; reference statistics cached as ``.npz``.
 
-torch-fidelity and transformers are imported only when an extractor is built.
+torch-fidelity and transformers (the ``[metrics]`` extra) are imported only when they are used; a missing
+one is a :class:`~ddpm_plus.evaluation.errors.MissingExtraError` naming the install command.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -22,10 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cache import default_cache_dir
+from .errors import MetricsSetupError, MissingExtraError
+
 __all__ = [
     "SAMPLE_METRICS",
     "INCEPTION_URL",
     "MetricsSetupError",
+    "import_extra",
     "quantize_uint8",
     "to_rgb_uint8",
     "InceptionFeatures",
@@ -48,8 +54,15 @@ OFFLINE_VARS = ("HF_HUB_OFFLINE", "DDPM_PLUS_OFFLINE")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class MetricsSetupError(ValueError):
-    """A feature extractor cannot be set up (missing weights offline, a bad file); the message says what to do."""
+def import_extra(module: str, metrics: str):
+    """``module`` of the ``[metrics]`` extra, imported now; not installed: :class:`MissingExtraError`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        top = module.split(".")[0]
+        if (err.name or "").split(".")[0] != top:
+            raise  # installed, but one of its own dependencies is broken: the original error says which
+        raise MissingExtraError(top, metrics) from None
 
 
 def offline() -> bool:
@@ -98,8 +111,6 @@ def _inception_file(weights, cache_dir) -> Path:
         if not path.is_file():
             raise MetricsSetupError(f"inception weights {str(path)!r} is not a file; {options}")
         return path
-    from .digits_proxy import default_cache_dir
-
     path = Path(cache_dir or default_cache_dir()) / "inception" / INCEPTION_URL.rsplit("/", 1)[1]
     if path.is_file():
         return path
@@ -138,8 +149,7 @@ class InceptionFeatures:
     name = "inception-v3-compat"
 
     def __init__(self, weights=None, *, device="cpu", batch_size=64, progress=False, cache_dir=None):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
+        fe = import_extra("torch_fidelity.feature_extractor_inceptionv3", "FID, KID and precision/recall")
         path = _inception_file(weights, cache_dir)
         state = _load_tensors(path)
         self.weights_id = _sha256(path)
@@ -149,7 +159,7 @@ class InceptionFeatures:
             safe = Path(tmp) / "inception.pth"
             torch.save(state, safe)
             try:
-                net = FeatureExtractorInceptionV3(self.name, ["2048"], feature_extractor_weights_path=str(safe))
+                net = fe.FeatureExtractorInceptionV3(self.name, ["2048"], feature_extractor_weights_path=str(safe))
             except RuntimeError as err:  # missing / unexpected keys, wrong shapes
                 raise MetricsSetupError(f"{str(path)!r} is not an inception-v3-compat state dict: {err}") from None
         self.net = net.to(device).eval()
@@ -173,10 +183,9 @@ class Dinov2Features:
     mean/std -> ``Dinov2Model`` -> ``pooler_output`` (the CLS token after the final layer norm), float64."""
 
     def __init__(self, model: str = "facebook/dinov2-large", *, device="cpu", batch_size=32, progress=False):
-        from transformers import Dinov2Model
-
+        transformers = import_extra("transformers", "FD_DINOv2")
         try:
-            net = Dinov2Model.from_pretrained(model, local_files_only=offline())
+            net = transformers.Dinov2Model.from_pretrained(model, local_files_only=offline())
         except Exception as err:  # OSError for a missing repo/file, or no network
             raise MetricsSetupError(
                 f"cannot load the DINOv2 model {model!r} ({type(err).__name__}: {err}); pass --dinov2_model "
@@ -246,29 +255,27 @@ def _check_counts(metric: str, gen, real, minimum: int) -> None:
 def kernel_inception_distance(gen_features, real_features, *, subsets=100, subset_size=1000, seed=2020):
     """(mean, std) of the unbiased cubic-polynomial-kernel MMD² over ``subsets`` random subsets of
     min(subset_size, n_gen, n_real): torch-fidelity's estimator, as ``calculate_metrics(kid=True)``."""
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
+    kid = import_extra("torch_fidelity.metric_kid", "KID")
     _check_counts("kid", gen_features, real_features, 2)
     size = min(subset_size, len(gen_features), len(real_features))
-    out = kid_features_to_metric(
+    out = kid.kid_features_to_metric(
         torch.as_tensor(np.asarray(gen_features)),
         torch.as_tensor(np.asarray(real_features)),
         kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False,
     )  # fmt: skip
-    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
+    return float(out[kid.KEY_METRIC_KID_MEAN]), float(out[kid.KEY_METRIC_KID_STD])
 
 
 def precision_recall(gen_features, real_features, *, neighborhood=3) -> tuple[float, float]:
     """(precision, recall) with k-NN balls (k = ``neighborhood``): torch-fidelity's ``prc`` estimator."""
-    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-
+    prc = import_extra("torch_fidelity.metric_prc", "precision/recall")
     _check_counts("precision_recall", gen_features, real_features, neighborhood + 1)
-    out = prc_features_to_metric(
+    out = prc.prc_features_to_metric(
         torch.as_tensor(np.asarray(gen_features, dtype=np.float32)),
         torch.as_tensor(np.asarray(real_features, dtype=np.float32)),
         prc_neighborhood=neighborhood, prc_batch_size=10000, save_cpu_ram=False, verbose=False,
     )  # fmt: skip
-    return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
+    return float(out[prc.KEY_METRIC_PRECISION]), float(out[prc.KEY_METRIC_RECALL])
 
 
 # ----------------------------------------------------------------------------- reference statistics
@@ -327,8 +334,6 @@ class ReferenceStats:
 
 def reference_stats_path(key: Mapping[str, Any], cache_dir=None) -> Path:
     """``cache_dir/reference_stats/<extractor>-<hash of key>.npz`` (default cache: ``default_cache_dir()``)."""
-    from .digits_proxy import default_cache_dir
-
     digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True, default=str).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", str(key.get("extractor", "features")))
     return Path(cache_dir or default_cache_dir()) / "reference_stats" / f"{slug}-{digest}.npz"
