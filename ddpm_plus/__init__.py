@@ -20,16 +20,21 @@ import sys
 import diffusers
 import diffusers.pipelines
 
-from .evaluation.analytic import estimate_analytic_moments, gaussian_analytic_moments
+from .evaluation.analytic import estimate_analytic_moments
 from .evaluation.likelihood import bits_per_dim, vlb_terms
+from .models.adm_classifier import ADMClassifierModel
+from .models.adm_unet import ADMUNetModel
 from .pipelines.fast_sampling import FastSampler, fast_sample
 from .pipelines.pipeline_ddpm_plus import DDPMPlusPipeline
 from .pipelines.pipeline_latent_ddpm_plus import LatentDDPMPlusPipeline
+from .schedulers.coefficients import gaussian_analytic_moments
 from .schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, DDPMPlusSchedulerOutput, StepCoefficients, respace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADMClassifierModel",
+    "ADMUNetModel",
     "DDPMPlusPipeline",
     "DDPMPlusScheduler",
     "DDPMPlusSchedulerOutput",
@@ -62,7 +67,7 @@ LEGACY_MODULES = {
     "ddpm_plus.pipeline_ddpm_plus": DDPMPlusPipeline,
 }
 
-for _cls in (DDPMPlusPipeline, DDPMPlusScheduler, LatentDDPMPlusPipeline):
+for _cls in (DDPMPlusPipeline, DDPMPlusScheduler, LatentDDPMPlusPipeline, ADMUNetModel, ADMClassifierModel):
     _register(diffusers, _cls.__name__, _cls)
     _register(diffusers.pipelines, _cls.__module__, sys.modules[_cls.__module__])
 for _path, _cls in LEGACY_MODULES.items():
