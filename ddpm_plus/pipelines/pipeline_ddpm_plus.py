@@ -25,16 +25,46 @@ prediction channels are guided; the variance channels come from the conditional 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.adm_unet import ADMUNetModel
 from ..schedulers.scheduling_ddpm_plus import LEARNED_VARIANCE_TYPES, DDPMPlusScheduler
+from .classifier_guidance import setup_classifier_guidance
+from .conditioning import (
+    Conditioning,
+    apply_guidance,
+    check_conditioning,
+    conditioning_of,
+    guidance_labels,
+    guided_unet_output,
+    is_class_conditional,
+    label_id,
+    labels_tensor,
+)
+
+# The conditioning helpers are defined in .conditioning; importers of this module may still take them from here.
+__all__ = [
+    "OUTPUT_TYPES",
+    "Conditioning",
+    "DDPMPlusPipeline",
+    "apply_guidance",
+    "check_conditioning",
+    "check_sampling_inputs",
+    "conditioning_of",
+    "default_batch_size",
+    "guidance_labels",
+    "guided_unet_output",
+    "is_class_conditional",
+    "label_id",
+    "labels_tensor",
+    "postprocess",
+    "scheduler_takes_variance",
+]
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -51,7 +81,7 @@ class DDPMPlusPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        unet: UNet2DModel,
+        unet: UNet2DModel | ADMUNetModel,
         scheduler: SchedulerMixin,
         id2label: dict | None = None,
         null_class_id: int | None = None,
@@ -101,6 +131,8 @@ class DDPMPlusPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' convention)
+        classifier: torch.nn.Module | None = None,
+        classifier_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """Sample ``batch_size`` images with ``num_inference_steps`` denoising steps.
 
@@ -114,30 +146,32 @@ class DDPMPlusPipeline(DiffusionPipeline):
         output_type: "pil" (list of PIL images), "np" (N,H,W,C float array in [0,1]) or "pt" (N,C,H,W tensor).
         callback_on_step_end: called as ``fn(pipe, i, t, {"latents": ...})`` after each step; may return
             a dict with a replacement "latents".
+        classifier, classifier_scale: classifier guidance (Dhariwal & Nichol 2021) with a noisy classifier
+            p(y | x_t) towards ``class_labels`` (which, for an unconditional UNet, name the classifier's classes);
+            see :mod:`ddpm_plus.pipelines.classifier_guidance`. Composes with ``guidance_scale``.
         """
-        shape = check_sampling_inputs(self.unet.config, batch_size, generator, output_type, latents, class_labels)
+        conditional = is_class_conditional(self.unet.config)
+        if batch_size is None:
+            batch_size = default_batch_size(class_labels, latents)
+        model_labels = class_labels if conditional or classifier is None else None
+        shape = check_sampling_inputs(self.unet.config, batch_size, generator, output_type, latents, model_labels)
         self._check_callback_inputs(callback_on_step_end_tensor_inputs)
-        batch_size, channels = shape[:2]
-        device = self._execution_device
-        class_labels, null_labels = guidance_labels(self.conditioning, class_labels, batch_size, guidance_scale, device)
+        channels, device = shape[1], self._execution_device
+        labels, null_labels = guidance_labels(self.conditioning, model_labels, batch_size, guidance_scale, device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        steer = setup_classifier_guidance(
+            classifier, classifier_scale, class_labels, labels, batch_size, self, channels, device
+        )
         # The chain itself is kept in float32 (float64 for a float64 UNet) even with a half-precision UNet.
         dtype = torch.float64 if self.unet.dtype == torch.float64 else torch.float32
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = {"generator": generator} if _accepts(self.scheduler.step, "generator") else {}
-        keeps_variance = scheduler_takes_variance(self.scheduler)
-
+        guidance = (labels, null_labels, guidance_scale, channels)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
-            model_output = guided_unet_output(
-                self.unet, model_input, t, class_labels, null_labels, guidance_scale, channels
-            )
-            if not keeps_variance and model_output.shape[1] == 2 * channels:
-                model_output = model_output[:, :channels]
-            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample.to(dtype)
+            latents = self._denoise_step(latents, i, t, guidance, steer, step_kwargs).to(dtype)
             if callback_on_step_end is not None:
                 tensors = {k: {"latents": latents}[k] for k in callback_on_step_end_tensor_inputs}
                 latents = (callback_on_step_end(self, i, t, tensors) or {}).pop("latents", latents)
@@ -145,6 +179,21 @@ class DDPMPlusPipeline(DiffusionPipeline):
         image = postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+    def _denoise_step(self, latents, index: int, t, guidance, steer, step_kwargs) -> torch.Tensor:
+        """One step x_t -> x_prev: the (classifier-free guided) model output, then the scheduler's step, each
+        shifted by the classifier's score when ``steer`` is given."""
+        labels, null_labels, guidance_scale, channels = guidance
+        model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
+        model_output = guided_unet_output(self.unet, model_input, t, labels, null_labels, guidance_scale, channels)
+        if not scheduler_takes_variance(self.scheduler) and model_output.shape[1] == 2 * channels:
+            model_output = model_output[:, :channels]
+        if steer is None:
+            return self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+        score = steer.score(latents, t)
+        model_output = steer.shift_output(model_output, score, t)
+        prev = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+        return steer.shift_sample(prev, model_output, latents, score, index)
 
     def _check_callback_inputs(self, names) -> None:
         bad = [k for k in names if k not in self._callback_tensor_inputs]
@@ -208,173 +257,6 @@ def check_sampling_inputs(
     if not conditional and class_labels is not None:
         raise ValueError("`class_labels` were given but this UNet has no class embedding.")
     return shape
-
-
-class Conditioning(NamedTuple):
-    """A pipeline's class conditioning. ``num_classes`` is None for an unconditional UNet, and for class
-    embeddings that take no ids (``class_embed_type`` "timestep"/"identity"): labels are then not checked."""
-
-    conditional: bool
-    num_classes: int | None
-    id2label: dict[str, str] | None  # keys: the ids as strings (as JSON stores them)
-    null_class_id: int | None
-    class_dropout_prob: float | None
-
-
-def is_class_conditional(unet_config) -> bool:
-    """Whether a UNet with this config takes ``class_labels`` (a class embedding of any kind)."""
-    return (
-        getattr(unet_config, "num_class_embeds", None) is not None
-        or getattr(unet_config, "class_embed_type", None) is not None
-    )
-
-
-def _embeds_ids(unet_config) -> bool:
-    return unet_config.class_embed_type is None and unet_config.num_class_embeds is not None
-
-
-def check_conditioning(unet_config, id2label, null_class_id, class_dropout_prob) -> Conditioning:
-    """Validate a pipeline's class metadata against its UNet; returns it normalised (``id2label`` keys as
-    strings, ordered by id)."""
-    if not _embeds_ids(unet_config):
-        raise ValueError(
-            "`id2label`, `null_class_id` and `class_dropout_prob` need a UNet with a class embedding "
-            "(num_class_embeds set, class_embed_type None)."
-        )
-    embeds = int(unet_config.num_class_embeds)
-    if null_class_id is not None and (isinstance(null_class_id, bool) or null_class_id != embeds - 1):
-        raise ValueError(
-            f"`null_class_id` must be the UNet's last class id, num_class_embeds - 1 = {embeds - 1}; got {null_class_id!r}."
-        )
-    num_classes = embeds if null_class_id is None else embeds - 1
-    if class_dropout_prob is not None and not (
-        isinstance(class_dropout_prob, (int, float)) and 0 <= class_dropout_prob < 1
-    ):
-        raise ValueError(f"`class_dropout_prob` must be in [0, 1); got {class_dropout_prob!r}.")
-    names = None
-    if id2label is not None:
-        try:
-            ids = {int(k): str(v) for k, v in dict(id2label).items()}
-        except (TypeError, ValueError):
-            raise ValueError(f"`id2label` must map integer class ids to names; got {id2label!r}.") from None
-        bad = sorted(i for i in ids if not 0 <= i < num_classes)
-        if bad:
-            raise ValueError(f"`id2label` has ids {bad} outside the {num_classes} classes 0..{num_classes - 1}.")
-        if len(set(ids.values())) != len(ids):
-            raise ValueError("`id2label` names must be unique (a name must resolve to one class id).")
-        names = {str(i): ids[i] for i in sorted(ids)}
-    dropout = None if class_dropout_prob is None else float(class_dropout_prob)
-    return Conditioning(True, num_classes, names, null_class_id, dropout)
-
-
-def conditioning_of(pipe) -> Conditioning:
-    """The :class:`Conditioning` of ``pipe`` (its UNet's class embedding and the metadata in its config)."""
-    unet_config = pipe.unet.config
-    config = getattr(pipe, "config", {}) or {}
-    if not _embeds_ids(unet_config):
-        conditional = unet_config.class_embed_type is not None
-        return Conditioning(conditional, None, None, None, None)
-    null = config.get("null_class_id")
-    embeds = int(unet_config.num_class_embeds)
-    return Conditioning(
-        True, embeds if null is None else embeds - 1, config.get("id2label"), null, config.get("class_dropout_prob")
-    )
-
-
-def label_id(label, conditioning: Conditioning) -> int:
-    """One class label (an id, or a name of ``id2label``) as a checked class id."""
-    n = conditioning.num_classes
-    if isinstance(label, str):
-        names = {v: int(k) for k, v in (conditioning.id2label or {}).items()}
-        if not names:
-            raise ValueError(f"class name {label!r} given, but this pipeline stores no class names (`id2label`).")
-        if label not in names:
-            raise ValueError(f"unknown class name {label!r}; the classes are {sorted(names, key=names.get)}.")
-        return names[label]
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise ValueError(f"class labels must be integer ids or class names; got {label!r}.")
-    if n is not None and not 0 <= label < n:
-        null = conditioning.null_class_id
-        note = (
-            f"; {null} is the null class, sampled with guidance_scale=0" if null is not None and label == null else ""
-        )
-        raise ValueError(f"class id {label} is out of range: this model has {n} classes (ids 0..{n - 1}){note}.")
-    return label
-
-
-def labels_tensor(class_labels, batch_size: int, device, conditioning: Conditioning | None = None):
-    """``class_labels`` (ids or names; one per image, or one for the batch) as a 1-D id tensor on ``device``
-    (None stays None); ids are checked against ``conditioning``'s classes when it knows them."""
-    if class_labels is None:
-        return None
-    conditioning = conditioning or Conditioning(True, None, None, None, None)
-    if torch.is_tensor(class_labels):
-        if class_labels.dtype.is_floating_point or class_labels.dtype.is_complex or class_labels.dtype == torch.bool:
-            raise ValueError(f"`class_labels` must be integer class ids; got a {class_labels.dtype} tensor.")
-        items = class_labels.reshape(-1).tolist()
-    elif isinstance(class_labels, (str, int)):
-        items = [class_labels]
-    else:
-        items = list(class_labels)
-        items = [x.item() if torch.is_tensor(x) or hasattr(x, "dtype") else x for x in items]
-    ids = [label_id(x, conditioning) for x in items]
-    if len(ids) == 1:
-        ids = ids * batch_size
-    if len(ids) != batch_size:
-        raise ValueError(
-            f"`class_labels` must hold one label per image (batch_size={batch_size}) or one for the batch; "
-            f"got {len(ids)}."
-        )
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-def guidance_labels(conditioning: Conditioning, class_labels, batch_size: int, guidance_scale, device):
-    """Check ``class_labels`` and ``guidance_scale`` before sampling; returns (labels, null labels), the
-    null labels None when the UNet is called once per step (w = 1, or an unconditional model)."""
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"`guidance_scale` must be a number; got {guidance_scale!r}.")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"`guidance_scale` must be finite; got {guidance_scale!r}.")
-    labels = labels_tensor(class_labels, batch_size, device, conditioning)
-    if guidance_scale == 1:
-        return labels, None
-    if not conditioning.conditional:
-        raise ValueError(
-            f"`guidance_scale`={guidance_scale} needs a class-conditional model; this UNet has no class embedding."
-        )
-    if conditioning.null_class_id is None:
-        raise ValueError(
-            f"`guidance_scale`={guidance_scale} needs a null class, and this pipeline has none (`null_class_id` "
-            "is not set: it was not trained for classifier-free guidance, e.g. by ddpm_plus --class_conditional). "
-            "Sample it with guidance_scale=1."
-        )
-    if not conditioning.class_dropout_prob:
-        raise ValueError(
-            f"`guidance_scale`={guidance_scale} needs a model trained with label dropout, but this one was trained "
-            "with class_dropout_prob=0: its null class never saw training. Sample it with guidance_scale=1."
-        )
-    return labels, torch.full_like(labels, conditioning.null_class_id)
-
-
-def apply_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, guidance_scale: float, channels: int):
-    """out(null) + w (out(c) - out(null)) on the first ``channels`` channels (the prediction); any further
-    channels (learned variances) are the conditional branch's. In at least float32."""
-    dtype = torch.promote_types(conditional.dtype, torch.float32)
-    cond, uncond = conditional[:, :channels].to(dtype), unconditional[:, :channels].to(dtype)
-    guided = uncond + guidance_scale * (cond - uncond)
-    if conditional.shape[1] == channels:
-        return guided
-    return torch.cat([guided, conditional[:, channels:].to(dtype)], dim=1)
-
-
-def guided_unet_output(unet, model_input, t, class_labels, null_labels, guidance_scale, channels: int):
-    """The UNet output for ``class_labels``, guided when ``null_labels`` is given: one call on the batch
-    [x, x] with labels [c, null] (2B), then :func:`apply_guidance`. Without null labels, one plain call."""
-    if null_labels is None:
-        return unet(model_input, t, class_labels=class_labels).sample
-    both = unet(torch.cat([model_input, model_input]), t, class_labels=torch.cat([class_labels, null_labels])).sample
-    conditional, unconditional = both.chunk(2)
-    return apply_guidance(conditional, unconditional, guidance_scale, channels)
 
 
 def postprocess(x: torch.Tensor, output_type: str):
