@@ -188,20 +188,25 @@ def load_image_dataset(
 _INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
+class LabelColumnError(ValueError):
+    """The class labels of ``label_column`` cannot be used (missing column, wrong type, a label outside the
+    classes); the message names the column and the first offending row."""
+
+
 def class_labels_of(dataset, label_column="label"):
     """The class labels of ``dataset``'s ``label_column`` as (labels [N] int64 array, id2label dict).
 
     A ``datasets.ClassLabel`` column (Hub datasets; an imagefolder with one sub-folder per class) gives
     its own names and range; a plain integer column gives classes 0..max with their numbers as names.
     A missing column, any other type, or a label outside the classes (e.g. ClassLabel's -1 for
-    "no label") is a ValueError naming the column and the first offending row."""
+    "no label") is a :class:`LabelColumnError` (a ValueError) naming the column and the first offending row."""
     if label_column not in dataset.column_names:
         hint = (
             " (an imagefolder gets a 'label' column only when its images sit in one sub-folder per class)"
             if label_column == "label"
             else ""
         )
-        raise ValueError(
+        raise LabelColumnError(
             f"label_column={label_column!r} is not a column of the dataset{hint}; available columns: "
             f"{dataset.column_names}"
         )
@@ -211,19 +216,19 @@ def class_labels_of(dataset, label_column="label"):
     elif isinstance(feature, datasets.Value) and feature.dtype in _INTEGER_DTYPES:
         names = None
     else:
-        raise ValueError(
+        raise LabelColumnError(
             f"label_column={label_column!r} must hold integer class ids or be a datasets.ClassLabel; got {feature}"
         )
     values = dataset[label_column]  # respects a selection/shuffle of the dataset, unlike its raw table
     if any(v is None for v in values):
-        raise ValueError(f"label_column={label_column!r} has missing labels (first at row {values.index(None)})")
+        raise LabelColumnError(f"label_column={label_column!r} has missing labels (first at row {values.index(None)})")
     labels = np.asarray(values, dtype=np.int64)
     if len(labels) == 0:
-        raise ValueError(f"label_column={label_column!r} is empty")
+        raise LabelColumnError(f"label_column={label_column!r} is empty")
     num_classes = len(names) if names is not None else int(labels.max()) + 1
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
-        raise ValueError(
+        raise LabelColumnError(
             f"label_column={label_column!r}: label {int(labels[bad[0]])} at row {int(bad[0])} is outside the "
             f"{num_classes} classes 0..{num_classes - 1} ({len(bad)} such row(s))"
         )
@@ -400,7 +405,8 @@ def prepare_dataset(dataset, transform, *, skip_bad_images=False, min_size=None,
     An unreadable image raises :class:`BadImageError` naming its file, or with
     ``skip_bad_images=True`` is skipped, counted and logged. Fewer than ``min_size`` (e.g. the
     global batch size) or no readable images is a ValueError. With ``label_column`` its labels are
-    checked first (:func:`class_labels_of`) and every item carries its ``"class_labels"``."""
+    checked first (:func:`class_labels_of`; bad labels are a :class:`LabelColumnError`) and every item
+    carries its ``"class_labels"``."""
     if "image" not in dataset.column_names:
         raise ValueError(f"dataset has no 'image' column; available columns: {dataset.column_names}")
     if not callable(transform):

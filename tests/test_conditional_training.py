@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from test_training import TINY, expect_exit, run_train, unet_weights
 
-from ddpm_plus.data import ImageTransform, class_labels_of, load_digits_dataset, prepare_dataset
+from ddpm_plus.data import ImageTransform, LabelColumnError, class_labels_of, load_digits_dataset, prepare_dataset
 from ddpm_plus.trainer.args import parse_args
 from ddpm_plus.trainer.loop import drop_labels, grid_class_labels
 
@@ -88,9 +88,11 @@ def test_label_columns_are_checked():
             "outside the 2 classes",
         ),
     ]
-    for dataset, column, match in cases:
-        with pytest.raises(ValueError, match=match):
+    for dataset, column, match in cases:  # one type for every label problem (the trainer catches it by type)
+        with pytest.raises(LabelColumnError, match=f"label_column='{column}'.*{match}"):
             prepare_dataset(dataset, ImageTransform(8, 1), label_column=column)
+        with pytest.raises(LabelColumnError, match=match):
+            class_labels_of(dataset, column)
     plain = datasets.Dataset.from_dict({"image": images, "y": [2, 0, 2]})
     data = prepare_dataset(plain, ImageTransform(8, 1), label_column="y")
     assert data.id2label == {0: "0", 1: "1", 2: "2"} and data[0]["class_labels"].item() == 2

@@ -13,6 +13,7 @@ from ddpm_plus.data import (
     DIGITS_NUM_BINS,
     BadImageError,
     ImageTransform,
+    LabelColumnError,
     digits_heldout_tensor,
     digits_split_indices,
     load_digits_dataset,
@@ -345,6 +346,17 @@ def test_empty_or_too_small_data_is_a_clear_error(tmp_path):
         prepare_dataset(ds.select([]), ImageTransform(8, 1))
     with pytest.raises(ValueError, match="min_size"):
         prepare_dataset(ds, ImageTransform(8, 1), min_size=0)
+
+
+def test_label_problems_have_their_own_error_type():
+    """A label problem is a LabelColumnError (a ValueError); a size problem of labelled data is not one."""
+    four = load_digits_dataset("train").select(range(4))
+    with pytest.raises(LabelColumnError, match="label_column='y' is not a column"):
+        prepare_dataset(four, ImageTransform(8, 1), label_column="y")
+    with pytest.raises(ValueError, match="min_size=8") as info:
+        prepare_dataset(four, ImageTransform(8, 1), min_size=8, label_column="label")
+    assert not isinstance(info.value, LabelColumnError)
+    assert issubclass(LabelColumnError, ValueError) and not issubclass(LabelColumnError, BadImageError)
 
 
 def test_hub_layout_dataset_renames_the_image_column(tmp_path):

@@ -198,3 +198,13 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     summary = run_train(argv + ["--resume_from_checkpoint", "latest", "--max_train_steps", 6])
     assert summary["global_step"] == 6 and np.isfinite(summary["final_loss"])
     assert all(torch.isfinite(t).all() for t in unet_weights(out).values())
+
+
+def test_resume_latest_before_any_checkpoint_is_a_seeded_new_run(tmp_path):
+    """`--resume_from_checkpoint latest` on a fresh output_dir (how a Slurm job is started) trains exactly the
+    run without the flag: the same seed for dropout and noise (it was left unseeded)."""
+    common = [*TINY, "--max_train_steps", 2, "--dropout", 0.3, "--seed", 11]
+    plain, latest = tmp_path / "plain", tmp_path / "latest"
+    run_train(common + ["--output_dir", plain])
+    run_train(common + ["--output_dir", latest, "--resume_from_checkpoint", "latest"])
+    assert_same_tensors(unet_weights(plain), unet_weights(latest))

@@ -98,7 +98,7 @@ def unet_weights(directory) -> dict:
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def test_digits_end_to_end(tmp_path):
+def test_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     summary = run_train(
         TINY
@@ -119,6 +119,10 @@ def test_digits_end_to_end(tmp_path):
         ]
     )
     assert summary["global_step"] == 4 and math.isfinite(summary["final_loss"]) and summary["images_per_s"] > 0
+    # One summary line at the end, on stdout: steps, the final loss, where the pipeline is.
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"finished: 4 steps, final loss {summary['final_loss']:.4g}, saved to {out}"
+    assert sum(line.startswith("finished:") for line in lines) == 1
 
     # The pipeline at the root, safetensors only; checkpoints, logs, samples, card beside it.
     assert (out / "model_index.json").is_file()
@@ -215,8 +219,16 @@ def test_config_file_errors(tmp_path, capsys, config_text, message):
     "argv, message",
     [
         (["--resolution", "0"], "--resolution must be >= 1"),
-        (["--loss", "hybrid"], "need --variance_type learned or learned_range"),
-        (["--variance_type", "learned_range"], "a learned variance needs --loss hybrid or vlb"),
+        (
+            ["--loss", "hybrid"],
+            "argument --loss/--variance_type: loss_type='hybrid' trains the variance and needs variance_type "
+            "'learned' or 'learned_range', got variance_type='fixed_small'",
+        ),
+        (
+            ["--variance_type", "learned_range"],
+            "argument --loss/--variance_type: variance_type='learned_range' is learned and needs loss_type 'hybrid' "
+            "or 'vlb' to train it, got loss_type='simple'",
+        ),
         (["--variance_type", "fixed_tiny"], "argument --variance_type: "),
         (["--beta_schedule", "cubic"], "argument --beta_schedule: "),
         (["--beta_start", "0.03", "--beta_end", "0.02"], "argument --beta_start/--beta_end: "),
@@ -224,7 +236,10 @@ def test_config_file_errors(tmp_path, capsys, config_text, message):
         (["--block_out_channels", "30", "64"], "multiples of --norm_num_groups (8)"),
         (["--resolution", "10"], "--resolution 10 must be divisible by"),
         (["--eval_inference_steps", "2000"], "argument --eval_inference_steps: "),
-        (["--dataset_name", "x", "--train_data_dir", "."], "at most one of --dataset_name and --train_data_dir"),
+        (
+            ["--dataset_name", "x", "--train_data_dir", "."],
+            "argument --dataset_name/--train_data_dir: give at most one of dataset_name and train_data_dir",
+        ),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
         (["--ema_decay", "1.5"], "--ema_decay must be in [0, 1)"),
         (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
@@ -237,7 +252,7 @@ def test_config_file_errors(tmp_path, capsys, config_text, message):
         ),
         (
             ["--config", "no_such_preset"],
-            "neither a file nor a preset (presets: ddpm_cifar10, digits, digits_cond, iddpm_cifar10",
+            "neither a file nor a preset (presets: adm_cifar10, ddpm_cifar10, digits, digits_cond, iddpm_cifar10",
         ),
     ],
 )
@@ -388,8 +403,48 @@ def test_corrupt_image_is_named_before_training(tmp_path, capsys):
     assert not (out / "model_index.json").exists()
 
 
+def test_summary_line_of_a_run_that_trained_nothing():
+    from ddpm_plus.trainer.outputs import summary_line
+
+    trained = {"global_step": 1500, "final_loss": 0.031249}
+    assert summary_line(trained, "out/dir") == "finished: 1500 steps, final loss 0.03125, saved to out/dir"
+    assert summary_line({"global_step": 1, "final_loss": 2.0}, "d") == "finished: 1 step, final loss 2, saved to d"
+    resumed_at_the_end = {"global_step": 1500, "final_loss": float("nan")}
+    assert summary_line(resumed_at_the_end, "d") == "finished: 1500 steps, no step trained in this run, saved to d"
+
+
+@pytest.mark.parametrize("local_rank, shown", [(None, True), ("0", True), ("1", False)])
+def test_errors_are_printed_by_the_first_process_of_each_machine_only(tmp_path, capsys, monkeypatch, local_rank, shown):
+    """Under `accelerate launch` every process hits the same flag or setup error: LOCAL_RANK 0 prints it, the
+    others exit with the same status quietly (the launch itself: test_training_distributed.py)."""
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(SystemExit) as info:
+        run_train(TINY + ["--output_dir", tmp_path / "run", "--learning_rate", "-1"])
+    assert info.value.code == 2
+    flag_error = capsys.readouterr()
+    assert ("--learning_rate must be a positive number" in flag_error.err) == shown
+    assert shown or flag_error.err == flag_error.out == ""
+
+    # An error train() raises on every process (here without forming a process group, which LOCAL_RANK asks for).
+    from ddpm_plus.trainer import loop, run_lock
+
+    def locked(args):
+        raise run_lock.OutputDirLockedError(f"output_dir {args.output_dir} is locked by another run")
+
+    monkeypatch.setattr(loop, "train", locked)
+    with pytest.raises(SystemExit) as info:
+        run_train(TINY + ["--output_dir", tmp_path / "run"])
+    assert info.value.code == 1
+    setup_error = capsys.readouterr()
+    assert (f"error: output_dir {tmp_path / 'run'} is locked by another run" in setup_error.err) == shown
+    assert shown or setup_error.err == setup_error.out == ""
+
+
 def test_world_size_without_process_group_is_refused(monkeypatch):
-    from ddpm_plus.trainer import loop as train
+    from ddpm_plus.trainer import components
     from ddpm_plus.trainer.args import parse_args
 
     class SingleProcessAccelerator:
@@ -399,9 +454,9 @@ def test_world_size_without_process_group_is_refused(monkeypatch):
             pass
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(train, "Accelerator", SingleProcessAccelerator)
+    monkeypatch.setattr(components, "Accelerator", SingleProcessAccelerator)
     with pytest.raises(SystemExit, match="WORLD_SIZE=2 but accelerate formed a single process"):
-        train.build_accelerator(parse_args(["--output_dir", "unused"]))
+        components.build_accelerator(parse_args(["--output_dir", "unused"]))
 
 
 # ------------------------------------------------------------------------------------------ schedule, precision
@@ -450,6 +505,7 @@ def test_noising_and_loss_are_float32_under_bf16_autocast(monkeypatch):
     from diffusers.optimization import get_scheduler
 
     from ddpm_plus.trainer import loop as train
+    from ddpm_plus.trainer import step as step_module
     from ddpm_plus.trainer.args import parse_args
 
     args = parse_args(TINY + ["--output_dir", "unused"])
@@ -462,7 +518,7 @@ def test_noising_and_loss_are_float32_under_bf16_autocast(monkeypatch):
         lr_scheduler = get_scheduler("constant", optimizer)
         unet, optimizer = accelerator.prepare(unet, optimizer)
 
-        real_draw = train.draw_noise_and_timesteps
+        real_draw = step_module.draw_noise_and_timesteps
         drawn = {}
 
         def draw_with_t0(*a, **k):
@@ -475,7 +531,7 @@ def test_noising_and_loss_are_float32_under_bf16_autocast(monkeypatch):
         seen = {}
         unet.register_forward_pre_hook(lambda m, inp: seen.update(x_t=inp[0], t=inp[1]))
         accelerator.unwrap_model(unet).conv_in.register_forward_hook(lambda m, i, out: seen.update(out_dtype=out.dtype))
-        monkeypatch.setattr(train, "draw_noise_and_timesteps", draw_with_t0)
+        monkeypatch.setattr(step_module, "draw_noise_and_timesteps", draw_with_t0)
         x0 = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
         result = train.training_step(
             {"pixel_values": x0}, unet, scheduler, optimizer, lr_scheduler, accelerator, step_seed=123
@@ -680,11 +736,9 @@ def test_ddpm_plus_train_subcommand(tmp_path, capsys):
         cli.main(["train", "--help"])
     assert info.value.code == 0
     help_text = capsys.readouterr().out
-    assert (
-        help_text.startswith("usage: ddpm-plus train")
-        and "digits, digits_cond," in help_text
-        and "iddpm_cifar10" in help_text
-    )
+    flat = " ".join(help_text.split())  # argparse wraps the preset list anywhere
+    assert help_text.startswith("usage: ddpm-plus train")
+    assert "adm_cifar10, ddpm_cifar10, digits, digits_cond, iddpm_cifar10" in flat
 
     out = tmp_path / "run"
     reset_accelerate()

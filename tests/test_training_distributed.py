@@ -53,11 +53,8 @@ def free_port() -> int:
 CONDITIONAL = ["--class_conditional", "--class_dropout_prob", 0.5]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], CONDITIONAL], ids=["unconditional", "conditional"])
-def test_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
-    dist = tmp_path / "dist"
-    argv = [str(a) for a in TINY + ONE_STEP + extra + ["--train_batch_size", 4, "--output_dir", dist]]
+def launch_two_processes(argv) -> subprocess.CompletedProcess:
+    """training/train.py with ``argv`` under `accelerate launch --multi_gpu --num_processes 2` (gloo on the CPU)."""
     cmd = [
         sys.executable,
         "-m",
@@ -74,12 +71,20 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
         "--main_process_port",
         str(free_port()),
         str(TRAIN_PY),
-        *argv,
+        *[str(a) for a in argv],
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], CONDITIONAL], ids=["unconditional", "conditional"])
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
+    dist = tmp_path / "dist"
+    result = launch_two_processes(TINY + ONE_STEP + extra + ["--train_batch_size", 4, "--output_dir", dist])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes, 8 images per optimizer step" in result.stderr
+    assert result.stdout.count("finished: 1 step, final loss ") == 1  # the summary line, once
 
     # One pipeline, written once; accelerate's state saved by both ranks.
     assert [p.relative_to(dist).as_posix() for p in dist.rglob("model_index.json")] == ["model_index.json"]
@@ -102,3 +107,18 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
         torch.testing.assert_close(w_dist[name], w_single[name], rtol=0, atol=1e-6, msg=name)
     worst = max((w_dist[n] - w_half[n]).abs().max().item() for n in w_dist)
     assert worst > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["flag", "setup"])
+def test_an_error_is_printed_once_not_by_every_process(tmp_path, kind):
+    """Both processes hit the same error (a bad flag before anything starts; an output_dir that cannot be a
+    directory once the process group is formed): LOCAL_RANK 0 prints it, the other exits quietly."""
+    if kind == "flag":
+        argv, message = ["--output_dir", tmp_path / "run", "--learning_rate", "-1"], "--learning_rate must be"
+    else:
+        (tmp_path / "file").write_text("")
+        argv, message = ["--output_dir", tmp_path / "file" / "run"], "is not a writable directory"
+    result = launch_two_processes(TINY + argv)
+    assert result.returncode != 0
+    assert result.stderr.count(message) == 1, result.stderr[-3000:]

@@ -19,28 +19,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from importlib import resources
 from pathlib import Path
 
 from diffusers.optimization import SchedulerType
 
+from ..data import DatasetSource
 from ..schedulers.scheduling_ddpm_plus import (  # the scheduler's own lists of allowed values
     BETA_SCHEDULES,
-    LEARNED_VARIANCE_TYPES,
     PREDICTION_TYPES,
     VARIANCE_TYPES,
     DDPMPlusScheduler,
+    SchedulerConfigError,
 )
-from .losses import LOSS_TYPES
+from .latents import add_latent_arguments, check_latent_flags, denoiser_shape
+from .loss_types import LOSS_TYPES, check_loss_variance
 from .periodic_evaluation import add_eval_arguments, check_eval_arguments
+from .streaming import add_streaming_arguments, check_streaming_flags
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownsampleBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnUpsampleBlock2D")
 
 # UNet shape used when neither shape flags nor --model_config_name_or_path are given: the digits preset's
 # 1.6M-parameter UNet (the CIFAR-10 presets give the DDPM paper's 35.7M network explicitly).
+MODEL_TYPES = ("unet2d", "adm")  # diffusers' UNet2DModel, or ddpm_plus.ADMUNetModel (improved DDPM / ADM)
+ADM_GROUPS = 32  # ADMUNetModel normalises with GroupNorm(32, channels), as improved-/guided-diffusion
 DEFAULT_UNET = {"block_out_channels": [32, 64, 64], "layers_per_block": 2, "attention_resolutions": [4]}
 UNET_SHAPE_FLAGS = (
     "block_out_channels",
@@ -103,6 +107,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "command-line flags override it.",
     )
     _add_data_flags(p)
+    add_latent_arguments(p)
     _add_conditioning_flags(p)
     _add_model_flags(p)
     _add_diffusion_flags(p)
@@ -130,6 +135,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_flip", default=False, **BOOL_FLAG)
     g.add_argument("--skip_bad_images", default=False, **BOOL_FLAG, help="Skip and count unreadable images.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_streaming_arguments(g)
 
 
 def _add_conditioning_flags(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +184,50 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--norm_num_groups", type=int, default=8)
     g.add_argument("--attention_head_dim", type=int, default=None, help="Default: one head per attention layer (DDPM).")
     g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument(
+        "--model_type",
+        default="unet2d",
+        choices=MODEL_TYPES,
+        help="unet2d: diffusers' UNet2DModel; adm: the improved-DDPM/ADM UNet (ddpm_plus.ADMUNetModel), with "
+        "--block_out_channels as model_channels x channel_mult, --layers_per_block as num_res_blocks, "
+        "--attention_resolutions as its attention sizes and --attention_head_dim as num_head_channels.",
+    )
+    g.add_argument(
+        "--num_heads", type=int, default=4, help="adm: heads per attention layer without --attention_head_dim."
+    )
+    g.add_argument("--use_scale_shift_norm", default=True, **BOOL_FLAG, help="adm: AdaGN conditioning (ADM).")
+    g.add_argument("--resblock_updown", default=False, **BOOL_FLAG, help="adm: residual blocks resample (ADM).")
+    g.add_argument("--use_new_attention_order", default=False, **BOOL_FLAG, help="adm: split q, k, v before heads.")
+    g.add_argument(
+        "--rescale_timesteps", default=False, **BOOL_FLAG, help="adm: the network sees t*1000/T (improved DDPM)."
+    )
+
+
+def _validate_model(args: argparse.Namespace) -> None:
+    """The denoiser flags: a local UNet2DModel config replaces the shape flags; else the shape is checked."""
+    _check_model_type(args)
+    if args.model_config_name_or_path is not None:
+        given = [f"--{k}" for k in UNET_SHAPE_FLAGS if getattr(args, k) is not None]
+        _check(not given, f"--model_config_name_or_path replaces the UNet shape flags; drop {', '.join(given)}")
+        _check(
+            Path(args.model_config_name_or_path).exists(),
+            f"--model_config_name_or_path {args.model_config_name_or_path} is not a local directory or JSON "
+            "file (nothing is downloaded)",
+        )
+    else:
+        _validate_unet_shape(args)
+
+
+def _check_model_type(args: argparse.Namespace) -> None:
+    """--model_type adm: no UNet2DModel-only flags; channels that ADM's GroupNorm(32) can normalise."""
+    if args.model_type != "adm":
+        return
+    unet2d_only = [f for f in ("model_config_name_or_path", "down_block_types", "up_block_types") if getattr(args, f)]
+    _check(not unet2d_only, f"--model_type adm builds its own UNet; drop {', '.join('--' + f for f in unet2d_only)}")
+    _check(
+        all(c % ADM_GROUPS == 0 for c in args.block_out_channels or DEFAULT_UNET["block_out_channels"]),
+        f"--model_type adm: --block_out_channels entries must be multiples of {ADM_GROUPS} (ADM's GroupNorm)",
+    )
 
 
 def _add_diffusion_flags(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +245,9 @@ def _add_diffusion_flags(parser: argparse.ArgumentParser) -> None:
         **BOOL_FLAG,
         help="Scale linear betas by 1000/T (improved-DDPM convention for T != 1000).",
     )
-    g.add_argument("--clip_sample", default=True, **BOOL_FLAG)
+    g.add_argument(
+        "--clip_sample", default=None, **BOOL_FLAG, help="Default: on; off with --vae (latents are not in [-1, 1])."
+    )
     g.add_argument("--prediction_type", default="epsilon", help=f"One of {', '.join(PREDICTION_TYPES)}.")
     g.add_argument("--loss", default="simple", choices=LOSS_TYPES)
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (e.g. 5.0).")
@@ -358,23 +410,20 @@ def build_scheduler(args: argparse.Namespace) -> DDPMPlusScheduler:
     return DDPMPlusScheduler(**{name: getattr(args, name) for name in SCHEDULER_FLAGS})
 
 
-def _flags_named_in(message: str) -> list[str]:
-    """The scheduler flags a scheduler error message names (backquoted names first), as ``--flag``."""
-    quoted = re.findall(r"`(\w+)", message)
-    named = [n for n in quoted if n in SCHEDULER_FLAGS]
-    named = named or [n for n in SCHEDULER_FLAGS if re.search(rf"\b{n}\b", message)]
-    return [f"--{n}" for n in dict.fromkeys(named or SCHEDULER_FLAGS)]
+def _flags_named_in(error: SchedulerConfigError) -> str:
+    """The flags of the config keys a scheduler error names (``error.arguments``), e.g. ``--beta_start/--beta_end``."""
+    return "/".join(f"--{name}" for name in error.arguments if name in SCHEDULER_FLAGS) or f"--{error.argument}"
 
 
 def _validate_with_scheduler(args: argparse.Namespace) -> None:
     """Construct the scheduler and set the sampling steps: their own checks are the only ones these flags get."""
     try:
         scheduler = build_scheduler(args)
-    except ValueError as e:
-        raise ValueError(f"argument {'/'.join(_flags_named_in(str(e)))}: {e}") from None
+    except SchedulerConfigError as e:
+        raise ValueError(f"argument {_flags_named_in(e)}: {e}") from None
     try:
         scheduler.set_timesteps(args.eval_inference_steps)
-    except ValueError as e:
+    except SchedulerConfigError as e:
         raise ValueError(f"argument --eval_inference_steps: {e}") from None
 
 
@@ -413,16 +462,15 @@ def _validate_counts_and_optimiser(args: argparse.Namespace) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """Check every flag before any data is read or model built; fills in derived defaults."""
     _validate_counts_and_optimiser(args)
+    check_latent_flags(args)  # --vae: the VAE's config read; the latent shape, channels and clip_sample set
 
     # Diffusion process and objective.
     _validate_with_scheduler(args)
     _check(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma must be > 0, got {args.snr_gamma}")
-    learned = args.variance_type in LEARNED_VARIANCE_TYPES
-    _check(
-        learned == (args.loss in ("hybrid", "vlb")),
-        f"--loss hybrid/vlb train the variance and need --variance_type learned or learned_range, and a learned "
-        f"variance needs --loss hybrid or vlb; got --loss {args.loss} with --variance_type {args.variance_type}",
-    )
+    try:
+        check_loss_variance(args.loss, args.variance_type, variance_must_be_trained=True)
+    except ValueError as e:
+        raise ValueError(f"argument --loss/--variance_type: {e}") from None
     _check(
         args.snr_gamma is None or args.loss != "vlb", "--snr_gamma weights L_simple; it has no effect with --loss vlb"
     )
@@ -437,28 +485,20 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.ema_inv_gamma > 0 and args.ema_power > 0, "--ema_inv_gamma and --ema_power must be > 0")
 
     # Data.
-    _check(
-        not (args.dataset_name and args.train_data_dir),
-        "give at most one of --dataset_name and --train_data_dir (neither: the bundled digits)",
-    )
+    check_streaming_flags(args)
+    try:
+        source = DatasetSource.from_flags(args.dataset_name, args.train_data_dir)
+    except ValueError as e:
+        raise ValueError(f"argument --dataset_name/--train_data_dir: {e} (neither: the bundled digits)") from None
     _check(
         args.train_data_dir is None or Path(args.train_data_dir).is_dir(),
         f"--train_data_dir {args.train_data_dir} is not a directory",
     )
     if args.channels is None:
-        args.channels = 1 if (args.dataset_name is None and args.train_data_dir is None) else 3
+        args.channels = 1 if source.is_digits and not args.train_data_files else 3
 
     # Model.
-    if args.model_config_name_or_path is not None:
-        given = [f"--{k}" for k in UNET_SHAPE_FLAGS if getattr(args, k) is not None]
-        _check(not given, f"--model_config_name_or_path replaces the UNet shape flags; drop {', '.join(given)}")
-        _check(
-            Path(args.model_config_name_or_path).exists(),
-            f"--model_config_name_or_path {args.model_config_name_or_path} is not a local directory or JSON "
-            "file (nothing is downloaded)",
-        )
-    else:
-        _validate_unet_shape(args)
+    _validate_model(args)
 
     # Checkpoints and Hub.
     if args.resume_from_checkpoint not in (None, "latest"):
@@ -485,6 +525,8 @@ def _validate_conditioning(args: argparse.Namespace) -> None:
 
 def _validate_unet_shape(args: argparse.Namespace) -> None:
     """Fill UNet shape defaults and derive block types from --attention_resolutions when not given."""
+    size = denoiser_shape(args)[1]  # the UNet's input size: the image's, or its latents' with --vae
+    latent = f" (latents {size}x{size})" if args.vae else ""
     if args.block_out_channels is None:
         args.block_out_channels = list(DEFAULT_UNET["block_out_channels"])
     if args.layers_per_block is None:
@@ -502,19 +544,20 @@ def _validate_unet_shape(args: argparse.Namespace) -> None:
         f"--attention_head_dim {args.attention_head_dim} must divide every --block_out_channels entry",
     )
     _check(
-        args.resolution % 2 ** (n - 1) == 0,
-        f"--resolution {args.resolution} must be divisible by 2**(len(--block_out_channels) - 1) = {2 ** (n - 1)}",
+        size % 2 ** (n - 1) == 0,
+        f"--resolution {args.resolution}{latent} must be divisible by 2**(len(--block_out_channels) - 1) = "
+        f"{2 ** (n - 1)}",
     )
     if args.down_block_types is None and args.up_block_types is None:
         attention = (
             DEFAULT_UNET["attention_resolutions"] if args.attention_resolutions is None else args.attention_resolutions
         )
-        sizes = [args.resolution // 2**i for i in range(n)]
+        sizes = [size // 2**i for i in range(n)]
         bad = [r for r in attention if r not in sizes]
         _check(
             not bad,
             f"--attention_resolutions {bad} not among this UNet's feature-map sizes {sizes} "
-            f"(--resolution {args.resolution}, {n} blocks)",
+            f"(--resolution {args.resolution}{latent}, {n} blocks)",
         )
         args.attention_resolutions = list(attention)
         args.down_block_types = ["AttnDownBlock2D" if s in attention else "DownBlock2D" for s in sizes]

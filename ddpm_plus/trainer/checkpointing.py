@@ -2,7 +2,8 @@
 
 Layout of ``output_dir/checkpoint-N`` (N = optimizer steps done): accelerate's own files (model
 safetensors, optimizer, RNG states of every process, GradScaler) plus ours, written without pickle:
-``training_state.json`` (step and the data layout that resuming depends on), ``lr_scheduler.json``,
+``training_state.json`` (step and the data layout that resuming depends on), ``data_state.json`` (with
+``--streaming``: the stream's position), ``lr_scheduler.json``,
 ``ema.safetensors``/``ema.json`` and ``importance_sampler.safetensors``/``.json`` when used.
 (Accelerate's ``register_for_checkpointing`` would pickle these objects and load them with
 ``weights_only=False``; keeping them in safetensors/JSON means resuming unpickles nothing of ours.)
@@ -41,6 +42,7 @@ TMP_PREFIX = ".tmp-checkpoint-"
 OLD_PREFIX = ".old-checkpoint-"
 TMP_PIPELINE = ".tmp-pipeline"
 STATE_FILE = "training_state.json"
+DATA_STATE_FILE = "data_state.json"  # --streaming: the stream position (ddpm_plus/trainer/streaming.py)
 PIPELINE_INDEX = "model_index.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 

@@ -6,7 +6,7 @@ N processes see exactly what one process with N times the batch sees.
 
 With ``--class_conditional`` each batch also holds ``class_labels`` (checked before training: see
 ``ddpm_plus.data.class_labels_of``). Label dropout is not done here but in the training step, from the
-step-seeded generator (``ddpm_plus.train.drop_labels``), so it is independent of workers and resuming.
+step-seeded generator (``ddpm_plus.trainer.step.drop_labels``), so it is independent of workers and resuming.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import signal
 
 import torch
 
-from ..data import DIGITS_NUM_BINS, BadImageError, ImageTransform, load_image_dataset, prepare_dataset
+from ..data import (
+    BadImageError,
+    DatasetSource,
+    ImageTransform,
+    LabelColumnError,
+    load_image_dataset,
+    prepare_dataset,
+)
 
 
 def derive_seed(*parts) -> int:
@@ -67,11 +74,6 @@ class SeededAugmentation(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def uses_digits(args) -> bool:
-    """No data flag: the bundled digits (17 grey levels)."""
-    return args.dataset_name is None and args.train_data_dir is None
-
-
 def _load_dataset(args, accelerator, samples_per_step: int):
     with accelerator.main_process_first():
         raw = load_image_dataset(
@@ -87,7 +89,7 @@ def _load_dataset(args, accelerator, samples_per_step: int):
         args.channels,
         center_crop=args.center_crop,
         random_flip=args.random_flip,
-        num_bins=DIGITS_NUM_BINS if uses_digits(args) else None,
+        num_bins=DatasetSource.from_flags(args.dataset_name, args.train_data_dir).num_bins,
     )
     try:
         return prepare_dataset(
@@ -99,9 +101,9 @@ def _load_dataset(args, accelerator, samples_per_step: int):
         )
     except BadImageError:
         raise  # names the unreadable file; the batch-size note below does not apply
+    except LabelColumnError as e:
+        raise ValueError(f"--class_conditional: {e}") from e  # the batch-size note does not apply
     except ValueError as e:
-        if "label_column" in str(e):
-            raise ValueError(f"--class_conditional: {e}") from e  # the batch-size note does not apply
         raise ValueError(
             f"{e}; one optimizer step needs --train_batch_size {args.train_batch_size} x "
             f"{accelerator.num_processes} process(es) x --gradient_accumulation_steps "
@@ -126,7 +128,8 @@ def build_dataloader(args, accelerator):
         generator=torch.Generator().manual_seed(args.seed),
         worker_init_fn=ignore_stop_signals if args.dataloader_num_workers > 0 else None,
     )
-    return loader, sampler, len(dataset), (DIGITS_NUM_BINS if uses_digits(args) else 256), dataset.id2label
+    num_bins = DatasetSource.from_flags(args.dataset_name, args.train_data_dir).num_bins or 256  # else 8-bit
+    return loader, sampler, len(dataset), num_bins, dataset.id2label
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -5,7 +5,7 @@ checkpoint (atomically, as always), logs where it is and how to resume, and exit
 signal number (143 for SIGTERM, 130 for SIGINT). A second signal exits at once with the same status: a
 checkpoint being written then is left as a ``.tmp-checkpoint-N`` directory that ``latest`` never picks
 (the directory renames that must not be cut are finished first, see
-:func:`ddpm_plus.checkpointing.critical_section`), so the last complete checkpoint stays the one to resume.
+:func:`ddpm_plus.trainer.checkpointing.critical_section`), so the last complete checkpoint stays the one to resume.
 
 With several processes the flag is combined across them at every optimizer step (one tiny all-reduce), so
 all stop at the same step whichever of them got the signal.

@@ -10,7 +10,7 @@ crashed machine) is taken over:
 - another host: never automatically (its pid cannot be checked from here); the error says so and names
   the file to delete once that run is known to be gone.
 
-Only the main process of a distributed run takes the lock (see ``ddpm_plus.train._prepare_output_dir``).
+Only the main process of a distributed run takes the lock (see ``ddpm_plus.trainer.components.prepare``).
 """
 
 from __future__ import annotations
