@@ -48,4 +48,9 @@ start=$(date +%s)
 timeout "$LIMIT" "$PY" -m benchmarks.run "${ARGS[@]}" --json "$DEST/gpu_results.json" 2>&1 | tee "$DEST/gpu_check.log"
 rc=${PIPESTATUS[0]}
 echo "gpu_check: exit $rc after $(( $(date +%s) - start )) s; results in $DEST/gpu_results.json"
+# Training engines (issue "Scale out"): FSDP2 and DeepSpeed ZeRO-2 through accelerate configs, 20 steps + resume.
+ENGINE_ARGS=(--json "$DEST/engines.json")
+[[ $TINY == 1 ]] && ENGINE_ARGS+=(--tiny)
+timeout 300 "$PY" -m benchmarks.engine_check "${ENGINE_ARGS[@]}" 2>&1 | tee -a "$DEST/gpu_check.log"
+echo "gpu_check: engines exit ${PIPESTATUS[0]}; results in $DEST/engines.json"
 exit "$rc"
