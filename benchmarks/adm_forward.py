@@ -104,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both models, same precision: float32)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,18 +113,21 @@ def main(argv=None) -> None:
     flags = parse_flags(repo, model_flags, diffusion_flags)
     g = torch.Generator().manual_seed(1)
     size, steps = flags["image_size"], flags["diffusion_steps"]
-    x = torch.randn(args.batch_size, 3, size, size, generator=g)
-    t = torch.randint(0, steps, (args.batch_size,), generator=g)
-    y = torch.randint(0, 1000, (args.batch_size,), generator=g) if flags["class_cond"] else None
+    device = torch.device(args.device)
+    x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
+    t = torch.randint(0, steps, (args.batch_size,), generator=g).to(device)
+    y = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device) if flags["class_cond"] else None
     cases = {}
     if args.original_repo is None:
         ours = ADMUNetModel(**unet_config(repo, flags)).eval()
         randomise(ours)
+        ours.to(device)
     else:
         original, rescale = original_model(args.original_repo.expanduser(), repo, model_flags, diffusion_flags)
         randomise(original)
         original.eval()
-        ours = convert_unet(repo, original.state_dict(), model_flags, diffusion_flags).unet.eval()
+        ours = convert_unet(repo, original.state_dict(), model_flags, diffusion_flags).unet.eval().to(device)
+        original.to(device)
         t_original = t.float() * (1000.0 / steps) if rescale else t
         kwargs = {"y": y} if y is not None else {}
         with torch.no_grad():
@@ -133,11 +137,12 @@ def main(argv=None) -> None:
         cases["original"] = lambda: original(x, t_original, **kwargs)
     cases["ours"] = lambda: ours(x, t, class_labels=y)
     with torch.no_grad():
-        samples = interleaved(cases, rounds=args.rounds)
+        samples = interleaved(cases, rounds=args.rounds, device=device)
     medians = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     print(
-        f"{args.model} width {args.width} ({params:.1f}M params), batch {args.batch_size}, {torch.get_num_threads()} threads"
+        f"{args.model} width {args.width} ({params:.1f}M params), batch {args.batch_size}, {device}, "
+        f"{torch.get_num_threads()} threads"
     )
     for name, seconds in medians.items():
         print(f"  {name:9s} {seconds * 1e3:9.1f} ms / forward")

@@ -53,4 +53,10 @@ ENGINE_ARGS=(--json "$DEST/engines.json")
 [[ $TINY == 1 ]] && ENGINE_ARGS+=(--tiny)
 timeout 300 "$PY" -m benchmarks.engine_check "${ENGINE_ARGS[@]}" 2>&1 | tee -a "$DEST/gpu_check.log"
 echo "gpu_check: engines exit ${PIPESTATUS[0]}; results in $DEST/engines.json"
+# ADM forward (issue "ADM"): ours, and against the original UNetModel on the same weights when a local checkout of
+# openai/guided-diffusion is carried as .original/guided-diffusion (git-ignored, never committed).
+ADM_ARGS=(--model guided-64 --rounds 5)
+if [[ $TINY == 1 ]]; then ADM_ARGS+=(--device cpu --width 64 --batch_size 1 --rounds 2); else ADM_ARGS+=(--device cuda --width 192 --batch_size 64); fi
+[[ -d .original/guided-diffusion ]] && ADM_ARGS+=(--original_repo .original/guided-diffusion)
+timeout 240 "$PY" -m benchmarks.adm_forward "${ADM_ARGS[@]}" 2>&1 | tee "$DEST/adm_forward.txt" | tee -a "$DEST/gpu_check.log"
 exit "$rc"
