@@ -15,6 +15,8 @@ those images (``--save_samples DIR`` writes them as PNG). Reference statistics o
 ``--guidance_scale``; its bound is -log p(x|c) with each image's own class.
 Results are printed as a table and written as JSON; ``--push_to_hub`` puts them into the model card.
 On CPU, torch uses ``--num_threads`` threads (default: half the cores, at most 8; 1 on a 2-core machine).
+``accelerate launch -m ddpm_plus.evaluate PIPELINE [flags]`` splits the sampling, the features and the bound
+over the processes and gives the figures of one process (the JSON records ``num_processes``).
 
 Exit status: 0 on success, 2 for bad input (flags, pipeline, dataset, a missing extra), 1 when a push fails.
 """
@@ -22,6 +24,7 @@ Exit status: 0 on success, 2 for bad input (flags, pipeline, dataset, a missing 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +36,7 @@ from .evaluation.options import ALL_METRICS, EvaluationOptions, parse_metrics
 from .evaluation.sample_quality import add_metric_source_arguments
 from .hub import TOKEN_ON_COMMAND_LINE, HubPushError, add_push_arguments, push_command, push_evaluation
 from .redaction import redact
+from .sharding import add_shard_parser, shard_command
 
 __all__ = ["main", "build_parser", "evaluate", "analytic", "reference_stats"]
 
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analytic_parser(sub)
     _add_reference_stats_parser(sub)
     add_convert_parser(sub)
+    add_shard_parser(sub)
     return parser
 
 
@@ -248,41 +253,62 @@ def _add_train_and_push_parsers(sub) -> None:
 # (accelerate, datasets, scikit-learn), which `push`, `--help` and a bad flag must not need.
 
 
-def evaluate(args) -> dict:
-    """``ddpm-plus evaluate``: the figures of the pipeline (printed, written as JSON, pushed if asked)."""
-    from .data import DatasetSource
-    from .evaluation.engine import cpu_threads, evaluate_pipeline, load_pipeline, model_geometry, resolve_device
-    from .evaluation.metrics_table import card_rows, model_index_entries
-    from .evaluation.outputs import write_evaluation
+def _load_for_evaluation(args, options: EvaluationOptions, shard, device):
+    """(pipeline on ``device``, real images, feature extractors) of ``ddpm-plus evaluate``; downloads and cache
+    files are done by the main process first."""
+    from .evaluation.engine import load_pipeline
+    from .evaluation.latent import denoiser_of, pipeline_conditioning, pipeline_geometry
     from .evaluation.real_images import load_eval_images
     from .evaluation.sample_quality import FeatureExtractors
-    from .pipelines.pipeline_ddpm_plus import conditioning_of
+
+    with shard.main_first():
+        pipe = load_pipeline(args.pipeline).to(device)
+    options.check_for(on_digits=_on_digits(args), num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps))
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    denoiser_of(pipe).eval()
+    resolution, channels = pipeline_geometry(pipe, args.resolution)
+    with shard.main_first():
+        extractors = FeatureExtractors.from_args(options.metrics, args, device, progress=options.progress)
+        labelled = pipeline_conditioning(pipe).conditional and "bpd" in options.metrics
+        reals = load_eval_images(
+            args.dataset, resolution=resolution, channels=channels, split=args.split,
+            dataset_config=args.dataset_config, image_column=args.image_column,
+            label_column=args.label_column if labelled else None, max_images=options.max_images,
+        )  # fmt: skip
+    return pipe, reals, extractors
+
+
+def _on_digits(args) -> bool:
+    from .data import DatasetSource
+
+    return DatasetSource.parse(args.dataset).is_digits
+
+
+def evaluate(args) -> dict:
+    """``ddpm-plus evaluate``: the figures of the pipeline (printed, written as JSON, pushed if asked). Under
+    ``accelerate launch`` the work is split over the processes (docs/evaluation.md, "Evaluation over
+    processes"); the main process writes, prints and pushes."""
+    from .evaluation.distributed import start_processes
+    from .evaluation.engine import cpu_threads, evaluate_pipeline, resolve_device
+    from .evaluation.metrics_table import card_rows, model_index_entries
+    from .evaluation.outputs import write_evaluation
 
     options = EvaluationOptions(
         **{name: getattr(args, flag) for name, flag in FLAGS["evaluate"].items()},
         progress=not args.no_progress,
         classifier_cache_dir=args.classifier_cache_dir,
     )
-    on_digits = DatasetSource.parse(args.dataset).is_digits
-    options.check_for(on_digits=on_digits)  # before the pipeline is loaded, and again with its T
+    options.check_for(on_digits=_on_digits(args))  # before the pipeline is loaded, and again with its T
     local = Path(args.pipeline).is_dir()
     if args.push_to_hub and local and not args.hub_model_id:
         raise EvaluationError("--push_to_hub on a local directory needs --hub_model_id")
-    device = resolve_device(args.device)
+    shard, process_device = start_processes(args.device)
+    device = process_device or resolve_device(args.device)
     with cpu_threads(device, args.num_threads):
-        pipe = load_pipeline(args.pipeline).to(device)
-        options.check_for(on_digits=on_digits, num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps))
-        pipe.set_progress_bar_config(disable=args.no_progress)
-        pipe.unet.eval()
-        resolution, channels = model_geometry(pipe.unet.config, args.resolution)
-        extractors = FeatureExtractors.from_args(options.metrics, args, device, progress=options.progress)
-        labelled = conditioning_of(pipe).conditional and "bpd" in options.metrics
-        reals = load_eval_images(
-            args.dataset, resolution=resolution, channels=channels, split=args.split,
-            dataset_config=args.dataset_config, image_column=args.image_column,
-            label_column=args.label_column if labelled else None, max_images=options.max_images,
-        )  # fmt: skip
-        result = evaluate_pipeline(pipe, reals, options, extractors)
+        pipe, reals, extractors = _load_for_evaluation(args, options, shard, device)
+        result = evaluate_pipeline(pipe, reals, options, extractors, shard)
+    if not shard.is_main:
+        return result.figures
     out_dir = args.output_dir or (
         Path(args.pipeline) / "evaluation" if local else f"evaluation-{args.pipeline.replace('/', '__')}"
     )
@@ -301,14 +327,18 @@ def evaluate(args) -> dict:
 
 
 def analytic(args) -> dict:
-    """``ddpm-plus analytic``: the moment table of a pipeline, and a copy of it that samples with it."""
+    """``ddpm-plus analytic``: the moment table of a pipeline, and a copy of it that samples with it (under
+    ``accelerate launch`` the images are split over the processes; the main process writes)."""
     from .evaluation.analytic_export import apply_analytic_moments, save_analytic_pipeline
+    from .evaluation.distributed import start_processes
     from .evaluation.engine import cpu_threads, load_pipeline, model_geometry, resolve_device
     from .evaluation.real_images import load_analytic_images
 
-    device = resolve_device(args.device)
+    shard, process_device = start_processes(args.device)
+    device = process_device or resolve_device(args.device)
     with cpu_threads(device, args.num_threads):
-        pipe = load_pipeline(args.pipeline).to(device)
+        with shard.main_first():
+            pipe = load_pipeline(args.pipeline).to(device)
         resolution, channels = model_geometry(pipe.unet.config)
         images, labels, where = load_analytic_images(
             args.dataset, resolution=resolution, channels=channels, split=args.split,
@@ -316,9 +346,11 @@ def analytic(args) -> dict:
         )  # fmt: skip
         results = apply_analytic_moments(
             pipe, images, labels, num_timesteps=args.num_timesteps, all_timesteps_below=args.all_timesteps_below,
-            eta=args.eta, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+            eta=args.eta, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, shard=shard,
         )  # fmt: skip
-    results = {"pipeline": str(args.pipeline), "dataset": where, **results}
+    results = {"pipeline": str(args.pipeline), "dataset": where, **results, "num_processes": shard.world}
+    if not shard.is_main:
+        return results
     out = save_analytic_pipeline(pipe, results, args.output_dir)
     print(
         f"Γ over {results['num_images']} images ({where}) at {results['timesteps_evaluated']} timesteps "
@@ -372,12 +404,19 @@ def _run(args) -> int:
     try:
         COMMANDS[args.command](args)
     except EvaluationError as err:
-        print(_error_message(err, args), file=sys.stderr)
+        _report(_error_message(err, args))
         return USAGE_ERROR
     except HubPushError as err:
-        print(_error_message(err, args), file=sys.stderr)
+        _report(_error_message(err, args))
         return FAILURE
     return 0
+
+
+def _report(message: str) -> None:
+    """An error on stderr, once under ``accelerate launch``: by the first process of each machine (every
+    process raises the same error)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 def _missing_train_extra(err: ImportError) -> str | None:
@@ -399,6 +438,8 @@ def _dispatch(argv: list[str]) -> int:
         return push_command(args)
     if args.command == "convert":
         return convert_command(args)
+    if args.command == "shard":
+        return shard_command(args)
     return _run(args)
 
 

@@ -12,7 +12,9 @@ A checkpoint is written to ``.tmp-checkpoint-N`` by every process (``save_state`
 rank for FSDP/DeepSpeed), then renamed to ``checkpoint-N`` by the main process once all ranks are
 done. A run killed mid-write leaves only a ``.tmp-`` directory, which ``latest`` never picks and the
 next run deletes. A write that fails (disk full, quota, read-only) removes its ``.tmp-`` directory and
-raises :class:`CheckpointWriteError` naming the directory and the cause; earlier checkpoints are kept.
+raises :class:`CheckpointWriteError` naming the directory and the cause; earlier checkpoints are kept. With
+several processes a write that fails on any one of them stops all of them, each raising the same
+``RankFailedError`` (ddpm_plus/trainer/collective_errors.py) that names the rank and that message.
 The final pipeline is written the same way (:func:`save_pipeline`): into ``.tmp-pipeline``, then moved in
 with ``model_index.json`` last, so a half-written pipeline never looks loadable.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -36,6 +39,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .collective_errors import all_or_none
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -166,24 +171,14 @@ def prune_checkpoints(output_dir, total_limit: int | None) -> list[Path]:
     return doomed
 
 
-def save_checkpoint(accelerator, output_dir, step: int, write_extra_state) -> Path:
-    """Write ``checkpoint-{step}`` atomically; call on EVERY process.
-
-    ``write_extra_state(tmp_dir)`` runs on the main process after ``save_state`` and must write
-    ``training_state.json`` (which marks the checkpoint complete) and any other state files.
-    """
-    root = Path(output_dir)
-    tmp, final = root / f"{TMP_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
+@contextlib.contextmanager
+def _as_write_error(final: Path, tmp: Path):
+    """Any exception inside becomes a :class:`CheckpointWriteError` naming ``final``, ``tmp``, the cause and
+    whether an earlier checkpoint is there to resume from."""
     try:
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            write_extra_state(tmp)
+        yield
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # frees the space; a .tmp- directory is never picked anyway
-        previous = latest_checkpoint(root)
+        previous = latest_checkpoint(final.parent)
         raise CheckpointWriteError(
             f"could not write checkpoint {final.name} (into {tmp}): {describe_write_error(e)}. "
             + (
@@ -192,19 +187,50 @@ def save_checkpoint(accelerator, output_dir, step: int, write_extra_state) -> Pa
                 else "There is no earlier checkpoint in this output_dir."
             )
         ) from e
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with critical_section():  # a signal between the two renames would leave checkpoint-N missing
-            if final.exists():  # the same step saved again (e.g. resumed from it): swap, never a half state
-                trash = root / f"{OLD_PREFIX}{step}"
-                os.replace(final, trash)
-                os.replace(tmp, final)
-            else:
-                os.replace(tmp, final)
-        if final.exists() and (root / f"{OLD_PREFIX}{step}").exists():
-            shutil.rmtree(root / f"{OLD_PREFIX}{step}")
-    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, output_dir, step: int, write_extra_state) -> Path:
+    """Write ``checkpoint-{step}`` atomically; call on EVERY process.
+
+    ``write_extra_state(tmp_dir)`` runs on the main process after ``save_state`` and must write
+    ``training_state.json`` (which marks the checkpoint complete) and any other state files.
+
+    Each phase (clearing the ``.tmp-`` directory, every process's writes, the rename) ends with an agreement
+    between the processes (:func:`~ddpm_plus.trainer.collective_errors.all_or_none`), so a failure on any one
+    of them raises on all: :class:`CheckpointWriteError` with one process, else ``RankFailedError`` naming the
+    failed rank and that message. Only the main process removes the ``.tmp-`` directory, once all have stopped
+    writing into it.
+    """
+    root = Path(output_dir)
+    tmp, final = root / f"{TMP_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}"
+    agreed = functools.partial(all_or_none, accelerator, f"writing {final.name}", quiet=(CheckpointWriteError,))
+    try:
+        with agreed(), _as_write_error(final, tmp):
+            if accelerator.is_main_process and tmp.exists():
+                shutil.rmtree(tmp)
+        with agreed(), _as_write_error(final, tmp):
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                write_extra_state(tmp)
+    except Exception:
+        if accelerator.is_main_process:  # frees the space; a .tmp- directory is never picked anyway
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with agreed(), _as_write_error(final, tmp):
+        if accelerator.is_main_process:
+            _move_into_place(tmp, final, root / f"{OLD_PREFIX}{step}")
     return final
+
+
+def _move_into_place(tmp: Path, final: Path, trash: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (the same step saved again, e.g. resumed from it) is
+    swapped out through ``trash``, never leaving a half state."""
+    with critical_section():  # a signal between the two renames would leave checkpoint-N missing
+        if final.exists():
+            os.replace(final, trash)
+        os.replace(tmp, final)
+    if final.exists() and trash.exists():
+        shutil.rmtree(trash)
 
 
 def save_pipeline(pipeline, output_dir) -> None:

@@ -24,6 +24,7 @@ from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler
 from . import checkpointing as ckpt
 from . import run_lock
 from .args import build_scheduler
+from .collective_errors import all_or_none
 from .data import build_dataloader
 from .latent_cache import build_latent_dataloader
 from .latents import denoiser_shape, load_vae
@@ -172,7 +173,7 @@ class TrainingRun:
     start_step: int = 0
     last_grid: Path | None = None
     checkpoint_pushes: list = field(default_factory=list)
-    evaluation: PeriodicEvaluation | None = None  # --eval_steps, main process only
+    evaluation: PeriodicEvaluation | None = None  # --eval_steps, on every process (each takes its share)
     vae: object | None = None  # --vae: the frozen AutoencoderKL/VQModel the denoiser's latents decode with
 
     @property
@@ -241,6 +242,13 @@ def build_data(args, accelerator, vae=None):
     return (*build_dataloader(args, accelerator), {})
 
 
+def setup_evaluation(args, accelerator) -> PeriodicEvaluation | None:
+    """``--eval_steps``: ``PeriodicEvaluation.setup`` (options, extractors, real images) on every process. An
+    error on any one of them (a bad dataset split, a missing extra) stops them all with its message."""
+    with all_or_none(accelerator, "setting up the evaluation", quiet=(ValueError,)):
+        return PeriodicEvaluation.setup(args, accelerator.device)
+
+
 def prepare(args) -> TrainingRun:
     """Accelerator, data, model, optimizer, schedules and EMA; resumed from a checkpoint when asked."""
     accelerator = build_accelerator(args)
@@ -284,9 +292,10 @@ def prepare(args) -> TrainingRun:
                 **({"num_classes": len(id2label), "class_dropout_prob": args.class_dropout_prob} if id2label else {}),
                 **data_layout},
         conditioning=conditioning, vae=vae,
-        evaluation=PeriodicEvaluation.setup(args, accelerator.device) if accelerator.is_main_process else None,
+        evaluation=setup_evaluation(args, accelerator),
     )  # fmt: skip
-    resume(run)
+    with all_or_none(accelerator, "resuming", quiet=(ValueError,)):  # a failure on one process stops all
+        resume(run)
     if args.logger != "none":
         accelerator.init_trackers("train", config=tracker_config(args))
     logger.info(
