@@ -21,6 +21,9 @@ from ddpm_plus.evaluation.digits_proxy import (
 )
 from ddpm_plus.evaluation.options import bound_timesteps
 
+# the bound is recomputed here and compared to 1e-9: the same thread count as the CLI's CPU default (1 here)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

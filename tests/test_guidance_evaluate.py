@@ -17,6 +17,9 @@ from ddpm_plus.evaluation.likelihood import _WithClassLabel, conditional_vlb_ter
 from ddpm_plus.evaluation.metrics_table import card_rows
 from ddpm_plus.evaluation.options import bound_timesteps
 
+# the bound is recomputed here and compared to 1e-9: the same thread count as the CLI's CPU default (1 here)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _save(path, num_classes=10, dropout=0.1, names=None):
     torch.manual_seed(0)

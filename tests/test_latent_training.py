@@ -292,7 +292,6 @@ def test_class_conditional_latent_training_samples_with_guidance(tmp_path):
     [
         (["--no-center_crop"], "--vae caches one encoding per image: pass --center_crop"),
         (["--clip_sample"], "--clip_sample clips to [-1, 1], a pixel range"),
-        (["--eval_steps", 1], "--eval_steps: evaluation during training is not supported for latent models"),
         (["--resolution", 15], "--resolution 15 must be a multiple of the VAE's downsampling factor 2"),
         (["--channels", 1], "--channels 1: the VAE"),
         (["--latent_scaling_factor", "0"], "--latent_scaling_factor: expected a positive number or 'measure'"),

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..pipelines.pipeline_ddpm_plus import is_class_conditional
 from ..schedulers.coefficients import gaussian_analytic_moments
 from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler, respace
+from .distributed import Shard, gather_rows
 from .likelihood import call_model, model_device_dtype
 
 __all__ = ["estimate_analytic_moments", "gaussian_analytic_moments"]
@@ -54,6 +55,7 @@ def estimate_analytic_moments(
     class_labels: torch.Tensor | None = None,
     timesteps=None,
     return_stderr: bool = False,
+    shard: Shard | None = None,
 ):
     """Γ_t = E‖ε_θ(x_t, t)‖²/d over ``images`` for t = 0 … T−1, as a float64 tensor of shape [T].
 
@@ -69,19 +71,26 @@ def estimate_analytic_moments(
     class_labels: [N] labels of the images, passed to the model as ``class_labels=`` (required by a
         class-conditional UNet: Γ is then averaged over the images with their own labels).
     return_stderr: also return the Monte Carlo standard error of each entry (NaN where interpolated).
+    shard: this process's share (evaluation/distributed.py): it runs the model on its blocks of ``batch_size``
+        images, every process draws all the noise, and the norms are gathered: Γ is the same for any number
+        of processes.
     """
     scheduler = DDPMPlusScheduler.from_config(scheduler.config, variance_type="fixed_small", analytic_moments=None)
     T = int(scheduler.config.num_train_timesteps)
     x0_all, class_labels = _checked_images(unet, images, batch_size, class_labels)
     timesteps = _evaluated_timesteps(T, num_timesteps, timesteps)
     device, dtype = model_device_dtype(unet, images.device)
-    n = x0_all.shape[0]
-    mean, stderr = np.empty(len(timesteps)), np.empty(len(timesteps))
+    n, shard = x0_all.shape[0], shard or Shard()
+    blocks = shard.blocks(n, batch_size)
+    all_norms = torch.zeros(len(timesteps), n, dtype=torch.float64)
     iterator = enumerate(timesteps.tolist())
     if progress:
         iterator = tqdm(iterator, total=len(timesteps), desc="analytic moments", unit="t", leave=False)
     for k, t in iterator:
-        norms = _squared_norms(unet, scheduler, x0_all, t, class_labels, batch_size, generator, (device, dtype))
+        all_norms[k] = _squared_norms(unet, scheduler, x0_all, t, class_labels, blocks, generator, (device, dtype))
+    all_norms = gather_rows(shard, all_norms, blocks, dim=1)
+    mean, stderr = np.empty(len(timesteps)), np.empty(len(timesteps))
+    for k, norms in enumerate(all_norms):
         mean[k] = float(norms.mean())
         stderr[k] = float(norms.std() / math.sqrt(n)) if n > 1 else math.nan
     gamma = np.interp(np.arange(T), timesteps, mean)
@@ -126,21 +135,22 @@ def _evaluated_timesteps(T: int, num_timesteps, timesteps) -> np.ndarray:
     return respace(T, num_timesteps, timestep_spacing="linspace").timesteps[::-1].copy()
 
 
-def _squared_norms(unet, scheduler, x0_all, t: int, class_labels, batch_size: int, generator, runtime):
-    """‖ε_θ(x_t, t)‖²/d of one x_t ~ q(x_t|x_0) per image (eq. (16)), float64; the model runs in batches on
-    its ``runtime`` (device, dtype)."""
+def _squared_norms(unet, scheduler, x0_all, t: int, class_labels, blocks: list[range], generator, runtime):
+    """‖ε_θ(x_t, t)‖²/d of one x_t ~ q(x_t|x_0) per image (eq. (16)), float64, on the images of ``blocks``
+    (0 elsewhere; the noise is drawn for every image); the model runs per block on its ``runtime``."""
     device, dtype = runtime
     ab = float(scheduler.alphas_cumprod[t])
     noise = torch.randn(x0_all.shape, generator=generator, dtype=torch.float64)
     x_t_all = math.sqrt(ab) * x0_all + math.sqrt(1.0 - ab) * noise  # eq. (16)
-    norms = torch.empty(x0_all.shape[0], dtype=torch.float64)
-    for start in range(0, x0_all.shape[0], batch_size):
-        x_t = x_t_all[start : start + batch_size]
+    norms = torch.zeros(x0_all.shape[0], dtype=torch.float64)
+    for block in blocks:
+        start = block.start
+        x_t = x_t_all[start : block.stop]
         t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=device)
         if class_labels is None:
             out = call_model(unet, x_t.to(device, dtype), t_batch)
         else:
-            labels = class_labels[start : start + batch_size].to(device)
+            labels = class_labels[start : block.stop].to(device)
             out = call_model(
                 lambda x, s, labels=labels: unet(x, s, class_labels=labels), x_t.to(device, dtype), t_batch
             )

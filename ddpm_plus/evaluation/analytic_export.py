@@ -32,11 +32,12 @@ def analytic_timesteps(num_train_timesteps: int, k: int | None, all_below: int =
 
 def apply_analytic_moments(
     pipe, images: torch.Tensor, labels: torch.Tensor | None, *, num_timesteps=None, all_timesteps_below=0,
-    eta=None, batch_size=256, seed=0, progress=False,
+    eta=None, batch_size=256, seed=0, progress=False, shard=None,
 ) -> dict:  # fmt: skip
     """Estimate Γ of ``pipe`` over ``images`` (a class-conditional UNet: with their ``labels``) and give
     ``pipe`` a scheduler with ``variance_type="analytic"`` (and ``eta`` if given); returns the table, its
-    standard errors and what it was estimated from."""
+    standard errors and what it was estimated from. ``shard``: this process's share of the images
+    (evaluation/distributed.py); the table is the same for any number of processes."""
     unet = pipe.unet.eval()
     if not is_class_conditional(unet.config):
         labels = None
@@ -47,6 +48,7 @@ def apply_analytic_moments(
     gamma, stderr = estimate_analytic_moments(
         unet, pipe.scheduler, images, timesteps=timesteps, batch_size=batch_size,
         generator=torch.Generator().manual_seed(seed), progress=progress, class_labels=labels, return_stderr=True,
+        shard=shard,
     )  # fmt: skip
     overrides = {"variance_type": "analytic", "analytic_moments": gamma.tolist()}
     if eta is not None:

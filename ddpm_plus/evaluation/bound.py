@@ -11,11 +11,14 @@ import time
 import numpy as np
 import torch
 
+from .distributed import Shard
 from .likelihood import conditional_vlb_terms, vlb_terms
 from .options import EvaluationOptions, bound_timesteps
 from .real_images import EvalImages
 
-__all__ = ["dims_per_source_pixel", "bound_figures"]
+__all__ = ["LATENT_NUM_BINS", "dims_per_source_pixel", "bound_figures"]
+
+LATENT_NUM_BINS = 256  # the decoder grid the trainer's losses use on latents (trainer/latent_cache.py), as DiT/ADM
 
 
 def dims_per_source_pixel(resolution: int, channels: int) -> int | None:
@@ -24,34 +27,38 @@ def dims_per_source_pixel(resolution: int, channels: int) -> int | None:
     return channels * (resolution // 8) ** 2 if resolution % 8 == 0 else None
 
 
-def bound_figures(unet, scheduler, reals: EvalImages, options: EvaluationOptions, class_ids=None) -> dict:
+def bound_figures(
+    unet, scheduler, reals: EvalImages, options: EvaluationOptions, class_ids=None, shard: Shard | None = None,
+    latents: torch.Tensor | None = None,
+) -> dict:  # fmt: skip
     """bits/dim of the bound on ``reals`` (``class_ids``: each image's class for a conditional model, else
-    None) at ``options.bound_timesteps`` respaced timesteps (None: all T), noise drawn from ``options.seed``."""
+    None) at ``options.bound_timesteps`` respaced timesteps (None: all T), noise drawn from ``options.seed``;
+    split over the processes of ``shard``. With ``latents`` (the real images' scaled VAE latents, for a latent
+    model): the bound of the latents, its figures named ``latent_...`` (the decoder term on the
+    :data:`LATENT_NUM_BINS`-level grid that the trainer's hybrid and vlb losses use on latents)."""
     num_train = int(scheduler.config.num_train_timesteps)
     seq = bound_timesteps(num_train, options.bound_timesteps)
     kwargs = dict(
         timesteps=seq,
-        num_bins=reals.num_bins,
+        num_bins=reals.num_bins if latents is None else LATENT_NUM_BINS,
         generator=torch.Generator().manual_seed(options.seed),
         batch_size=options.batch_size,
         progress=options.progress,
+        shard=shard,
+        on_grid=latents is None,
     )
+    x = reals.images if latents is None else latents
     t0 = time.perf_counter()
     if class_ids is None:
-        terms = vlb_terms(unet, scheduler, reals.images, **kwargs)
+        terms = vlb_terms(unet, scheduler, x, **kwargs)
     else:
-        terms = conditional_vlb_terms(unet, scheduler, reals.images, np.asarray(class_ids), **kwargs)
-    bpd = terms["total_bpd"]
-    stderr = float(bpd.std(unbiased=True) / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+        terms = conditional_vlb_terms(unet, scheduler, x, np.asarray(class_ids), **kwargs)
     out = {
         "bound_timesteps": "all" if seq is None else int(len(seq)),
         "num_train_timesteps": num_train,
         "variance_type": scheduler.config.variance_type,
         "prediction_type": scheduler.config.prediction_type,
-        "bits_per_dim": float(bpd.mean()),
-        "bits_per_dim_stderr": stderr,
-        "prior_bits_per_dim": float(terms["prior_bpd"].mean()),
-        "decoder_bits_per_dim": float(terms["terms_bpd"][:, terms["decoder_index"]].mean()),
+        **_bits(terms, "" if latents is None else "latent_"),
         "bound_seconds": round(time.perf_counter() - t0, 2),
         # the mean term of the bound per timestep (the decoder L_0 at timestep 0), bits/dim
         "terms_timesteps": terms["timesteps"].tolist(),
@@ -59,6 +66,11 @@ def bound_figures(unet, scheduler, reals: EvalImages, options: EvaluationOptions
     }
     if class_ids is not None:
         out["bound_conditioning"] = "-log p(x|c), c = each image's own class"
+    if latents is not None:
+        out["latent_shape"] = list(latents.shape[1:])
+        out["latent_num_bins"] = LATENT_NUM_BINS
+        return out
+    stderr = out["bits_per_dim_stderr"]
     images = reals.images
     factor = dims_per_source_pixel(images.shape[-1], images.shape[1]) if reals.is_digits else None
     if factor is not None:
@@ -68,3 +80,15 @@ def bound_figures(unet, scheduler, reals: EvalImages, options: EvaluationOptions
         out["bits_per_source_pixel_stderr"] = stderr * factor
     out["comparable_to_8x8_baselines"] = "bits_per_source_pixel" if factor is not None else None
     return out
+
+
+def _bits(terms: dict, prefix: str) -> dict:
+    """The bound's mean, standard error, prior and decoder terms in bits/dim, keys prefixed with ``prefix``."""
+    bpd = terms["total_bpd"]
+    stderr = float(bpd.std(unbiased=True) / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+    return {
+        f"{prefix}bits_per_dim": float(bpd.mean()),
+        f"{prefix}bits_per_dim_stderr": stderr,
+        f"{prefix}prior_bits_per_dim": float(terms["prior_bpd"].mean()),
+        f"{prefix}decoder_bits_per_dim": float(terms["terms_bpd"][:, terms["decoder_index"]].mean()),
+    }

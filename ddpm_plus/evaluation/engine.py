@@ -3,6 +3,11 @@ uint8 once and computes every figure asked for (the bound, FID/KID/precision-rec
 digits the Frechet proxy) against real images. ``ddpm-plus evaluate``, the trainer's periodic evaluation and
 the benchmarks call it, so the same options give the same figures everywhere.
 
+Sample i's noise comes from its own generator seeded by (seed, i), and the work is dealt to the processes of
+an ``accelerate launch`` in blocks of ``batch_size`` (evaluation/distributed.py), so 1 or W processes give the
+same samples and figures. A ``LatentDDPMPlusPipeline`` is scored on its decoded images; its bound is the latent
+bound of the real images' VAE latents (evaluation/latent.py), reported as ``latent_bits_per_dim``.
+
 A class-conditional pipeline is sampled class-balanced: sample i gets the i-th class in turn (class ids in
 order), at ``guidance_scale``; its bound is -log p(x|c) with each real image's own class.
 """
@@ -10,6 +15,7 @@ order), at ``guidance_scale``; its bound is -log p(x|c) with each real image's o
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +27,12 @@ from diffusers import DiffusionPipeline
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..pipelines.pipeline_ddpm_plus import Conditioning, conditioning_of, guidance_labels
+from ..pipelines.pipeline_ddpm_plus import Conditioning, guidance_labels
 from .bound import bound_figures
 from .digits_proxy import digits_proxy_figures
+from .distributed import Shard, current_shard, sample_generators
 from .errors import EvaluationError, EvaluationOptionsError, PipelineLoadError
+from .latent import denoiser_of, encode_latents, is_latent, pipeline_conditioning, pipeline_geometry
 from .options import EvaluationOptions
 from .real_images import EvalImages
 from .sample_metrics import quantize_uint8
@@ -36,11 +44,13 @@ __all__ = [
     "load_pipeline",
     "class_balanced_labels",
     "digit_classes",
+    "sample_block",
     "sample_uint8",
     "default_num_threads",
     "cpu_threads",
     "resolve_device",
     "model_geometry",
+    "pipeline_geometry",
 ]
 
 MAX_DEFAULT_THREADS = 8
@@ -49,10 +59,10 @@ MAX_DEFAULT_THREADS = 8
 @dataclass
 class EvaluationResult:
     """What :func:`evaluate_pipeline` returns: every figure (JSON-serialisable) and the uint8 samples
-    [N, C, H, W] that every sample metric used."""
+    [N, C, H, W] that every sample metric used (on the main process; None on the others)."""
 
     figures: dict
-    samples: torch.Tensor
+    samples: torch.Tensor | None
 
 
 def default_num_threads() -> int:
@@ -139,27 +149,30 @@ def class_balanced_labels(conditioning: Conditioning, num_samples: int) -> list[
     return [i % conditioning.num_classes for i in range(num_samples)]
 
 
+def sample_block(pipe, options: EvaluationOptions, class_labels: list[int] | None, block: range) -> torch.Tensor:
+    """Samples ``block`` (indices into the ``options.num_samples``) in one pipeline call, quantised to uint8
+    [n, C, H, W]: sample i's noise comes from its own generator (:func:`~.distributed.sample_generators`,
+    seeded by ``options.seed`` and i), so it does not depend on the batch or the process that draws it."""
+    extra = {}
+    if class_labels is not None:
+        extra = {"class_labels": class_labels[block.start : block.stop], "guidance_scale": options.guidance_scale}
+    with torch.no_grad():
+        # "np" (N, H, W, C in [0, 1]) is what DDPMPlusPipeline, LatentDDPMPlusPipeline and DDPMPipeline return.
+        images = pipe(
+            batch_size=len(block),
+            generator=sample_generators(options.seed, block),
+            num_inference_steps=options.num_inference_steps,
+            output_type="np",
+            **extra,
+        ).images
+    return quantize_uint8(torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2))
+
+
 def sample_uint8(pipe, options: EvaluationOptions, class_labels: list[int] | None) -> torch.Tensor:
-    """``options.num_samples`` samples in batches of ``options.batch_size`` (one generator seeded with
-    ``options.seed`` on the pipeline's device), quantised to uint8 [N, C, H, W] once."""
-    generator = torch.Generator(device=pipe.device).manual_seed(options.seed)
-    batches = []
-    for start in range(0, options.num_samples, options.batch_size):
-        count = min(options.batch_size, options.num_samples - start)
-        extra = {}
-        if class_labels is not None:
-            extra = {"class_labels": class_labels[start : start + count], "guidance_scale": options.guidance_scale}
-        with torch.no_grad():
-            # "np" (N, H, W, C in [0, 1]) is what both DDPMPlusPipeline and diffusers' DDPMPipeline return.
-            images = pipe(
-                batch_size=count,
-                generator=generator,
-                num_inference_steps=options.num_inference_steps,
-                output_type="np",
-                **extra,
-            ).images
-        batches.append(quantize_uint8(torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2)))
-    return torch.cat(batches)
+    """All ``options.num_samples`` samples, in blocks of ``options.batch_size`` (:func:`sample_block`), as
+    uint8 [N, C, H, W]."""
+    blocks = Shard().blocks(options.num_samples, options.batch_size)
+    return torch.cat([sample_block(pipe, options, class_labels, block) for block in blocks])
 
 
 def _bound_class_ids(conditioning: Conditioning, reals: EvalImages, digit_of: dict[int, int] | None):
@@ -179,7 +192,7 @@ def _bound_class_ids(conditioning: Conditioning, reals: EvalImages, digit_of: di
 
 def _check_before_running(pipe, reals: EvalImages, options: EvaluationOptions):
     """Every check that needs the pipeline: (labels per sample, class id -> digit, bound class ids)."""
-    conditioning = conditioning_of(pipe)
+    conditioning = pipeline_conditioning(pipe)
     options.check_for(on_digits=reals.is_digits, num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps))
     labels = class_balanced_labels(conditioning, options.num_samples)
     digit_of = digit_classes(conditioning) if reals.is_digits else None
@@ -192,14 +205,27 @@ def _check_before_running(pipe, reals: EvalImages, options: EvaluationOptions):
 
 
 def evaluate_pipeline(
-    pipe, reals: EvalImages, options: EvaluationOptions, extractors: FeatureExtractors | None = None
+    pipe,
+    reals: EvalImages,
+    options: EvaluationOptions,
+    extractors: FeatureExtractors | None = None,
+    shard: Shard | None = None,
 ) -> EvaluationResult:
-    """Evaluate ``pipe`` against ``reals`` as ``options`` say: every check first (options against the model and
-    the data, classes, guidance), then the bound, the samples (quantised to uint8 once), the sample metrics
-    (with ``extractors``, default: built here for ``options.metrics``) and on the digits the Frechet proxy."""
+    """Evaluate ``pipe`` (a pixel pipeline, or a ``LatentDDPMPlusPipeline``: its decoded images, and the bound of
+    the real images' latents) against ``reals`` as ``options`` say: every check first (options against the
+    model and the data, classes, guidance), then the bound, the samples (quantised to uint8 once) and their
+    features, the sample metrics (with ``extractors``, default: built here for ``options.metrics``) and on the
+    digits the Frechet proxy.
+
+    Over processes (``shard``, default: torch.distributed's group if formed, evaluation/distributed.py): each
+    process samples and extracts the features of its blocks of samples and runs the bound on its blocks of
+    images; the main process gathers them and computes the figures, which every process returns. The samples
+    are returned on the main process (None on the others)."""
+    shard = shard or current_shard()
     labels, digit_of, class_ids = _check_before_running(pipe, reals, options)
     if extractors is None:
-        extractors = FeatureExtractors.for_metrics(options.metrics, device=pipe.device, progress=options.progress)
+        with shard.main_first():
+            extractors = FeatureExtractors.for_metrics(options.metrics, device=pipe.device, progress=options.progress)
     figures = {
         "dataset": reals.description,
         "dataset_key": reals.key,
@@ -208,13 +234,57 @@ def evaluate_pipeline(
         "resolution": int(reals.images.shape[-1]),
         "channels": int(reals.images.shape[1]),
         "num_bins": reals.num_bins,
+        "num_processes": shard.world,
     }
     if "bpd" in options.metrics:
-        figures.update(bound_figures(pipe.unet, pipe.scheduler, reals, options, class_ids))
-    samples = sample_uint8(pipe, options, labels)
-    figures.update({"num_samples": options.num_samples, "inference_steps": options.num_inference_steps})
+        latents = encode_latents(pipe, reals.images, options.batch_size, shard) if is_latent(pipe) else None
+        figures.update(bound_figures(denoiser_of(pipe), pipe.scheduler, reals, options, class_ids, shard, latents))
+    pieces = []
+    for block in shard.blocks(options.num_samples, options.batch_size):
+        samples = sample_block(pipe, options, labels, block)
+        pieces.append((block.start, (samples, extractors.features(samples, options.metrics))))
+    gathered = shard.gather(pieces, to_all=False)
+    extractors.share_references(options.metrics, reals, shard)
+    samples = None if gathered is None else torch.cat([s for _, (s, _) in gathered])
+    figures.update(
+        _on_main(shard, lambda: _sample_figures(samples, gathered, reals, options, extractors, labels, digit_of))
+    )
+    if is_latent(pipe) and "bpd" in options.metrics:
+        figures["bound_space"] = "VAE latents: latent bits/dim, not comparable with pixel bits/dim"
+    return EvaluationResult(figures, samples)
+
+
+def _on_main(shard: Shard, compute) -> dict:
+    """``compute()`` on the main process; its result (or the error it raised) on every process."""
+    if shard.world == 1:
+        return compute()
+    outcome, error = None, None
+    if shard.is_main:
+        try:
+            outcome = (True, compute())
+        except Exception as err:  # sent to the other processes, which would otherwise wait for the figures
+            error = err
+            try:
+                pickle.dumps(err)
+                outcome = (False, err)
+            except Exception:
+                outcome = (False, RuntimeError(f"{type(err).__name__}: {err}"))
+    ok, value = shard.broadcast(outcome)
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
+
+
+def _sample_figures(samples, gathered, reals, options, extractors, labels, digit_of) -> dict:
+    """The sample metrics of the gathered samples and features, and on the digits the proxy."""
+    features = {}
+    for name in gathered[0][1][1] if gathered else ():
+        features[name] = np.concatenate([f[name] for _, (_, f) in gathered])
+    figures = {"num_samples": options.num_samples, "inference_steps": options.num_inference_steps}
     try:
-        figures.update(compute_sample_metrics(samples, reals, options.metrics, extractors))
+        figures.update(compute_sample_metrics(samples, reals, options.metrics, extractors, features))
     except EvaluationError:
         raise
     except ValueError as err:  # e.g. KID from reference statistics that hold no features
@@ -230,4 +300,4 @@ def evaluate_pipeline(
     if labels is not None:
         figures.update(class_conditional=True, guidance_scale=options.guidance_scale)
         figures["sampling"] = "class-balanced (the classes in turn)"
-    return EvaluationResult(figures, samples)
+    return figures

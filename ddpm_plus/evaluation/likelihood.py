@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import Shard, gather_rows
+
 __all__ = [
     "normal_kl",
     "discretized_gaussian_log_likelihood",
@@ -186,6 +188,8 @@ def vlb_terms(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
+    on_grid: bool = True,
 ):
     """Every term of the bound for each image, in bits/dim (float64, on CPU).
 
@@ -204,11 +208,16 @@ def vlb_terms(
     the minimum over σ² of each KL term for the exact model), and its ``eta``: for 0 < η < 1 the terms are
     KL(q_λ(x_prev|x_t, x_0) || p(x_prev|x_t)) of DDIM's family (Song et al. 2021, eq. (16)), a bound on the
     same likelihood since q_λ keeps the marginals q(x_t|x_0).
+
+    ``shard`` (evaluation/distributed.py): this process runs the model on its blocks of ``batch_size`` images;
+    every process draws all the noise, and the terms are gathered. ``on_grid=False``: ``x_start`` (latents)
+    need not lie on the grid; L_0 is then the mass of a box of width 2/(num_bins - 1) around each coordinate.
     """
     from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler
 
     scheduler = DDPMPlusScheduler.from_config(scheduler.config)
-    batch_size = _checked_batch_size(scheduler, x_start, num_bins, batch_size)
+    batch_size = _checked_batch_size(scheduler, x_start, num_bins, batch_size, on_grid)
+    shard = shard or Shard()
     chain, seq = _bound_sequence(int(scheduler.config.num_train_timesteps), timesteps)
     device, model_dtype = model_device_dtype(model, x_start.device)
     to_bpd = 1.0 / (x_start[0].numel() * math.log(2.0))
@@ -217,33 +226,41 @@ def vlb_terms(
     abar_top = scheduler.alphas_cumprod[int(chain.timesteps[0])].to(torch.float64)
     prior_bpd = normal_kl(abar_top.sqrt() * x0_all, torch.log1p(-abar_top), 0.0, 0.0).flatten(1).sum(1) * to_bpd
     terms = torch.zeros(len(x0_all), seq.numel(), dtype=torch.float64)
+    blocks = shard.blocks(len(x0_all), batch_size)
     for k, t in tqdm(list(enumerate(seq.tolist())), desc="bits/dim", unit="t", leave=False, disable=not progress):
         x_t_all = _sample_x_t(scheduler, x0_all, t, generator)
-        for start in range(0, len(x0_all), batch_size):
-            x0 = x0_all[start : start + batch_size].to(device)
-            x_t = x_t_all[start : start + batch_size].to(device)
-            t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
-            out = call_model(model, x_t.to(model_dtype), t_batch).to(torch.float64)
-            prev = torch.full_like(t_batch, int(chain.prev_timestep[t]))
-            term = vb_term_nats(scheduler, out, x0, x_t, t_batch, prev, num_bins=num_bins)
-            terms[start : start + x0.shape[0], k] = term.flatten(1).sum(1).cpu() * to_bpd
-    return {
-        "timesteps": seq,
-        "terms_bpd": terms,
-        "decoder_index": int((seq == 0).nonzero()[0, 0]),
-        "prior_bpd": prior_bpd.cpu(),
-        "total_bpd": prior_bpd.cpu() + terms.sum(1),
-    }
+        for b in blocks:
+            nats = _block_nats(model, scheduler, x0_all[b.start : b.stop], x_t_all[b.start : b.stop], t,
+                               int(chain.prev_timestep[t]), num_bins, (device, model_dtype))  # fmt: skip
+            terms[b.start : b.stop, k] = nats * to_bpd
+    terms, decoder_index = gather_rows(shard, terms, blocks), int((seq == 0).nonzero()[0, 0])
+    prior_bpd = prior_bpd.cpu()
+    return dict(timesteps=seq, terms_bpd=terms, decoder_index=decoder_index, prior_bpd=prior_bpd,
+                total_bpd=prior_bpd + terms.sum(1))  # fmt: skip
 
 
-def _checked_batch_size(scheduler, x_start, num_bins, batch_size) -> int:
-    """``batch_size`` (default: every image at once) after checking it, η > 0 and the images."""
+def _block_nats(model, scheduler, x0, x_t, t: int, prev: int, num_bins: int, runtime) -> torch.Tensor:
+    """The bound's term at timestep ``t`` (from ``t`` to ``prev``) of one block of images, nats per image."""
+    device, model_dtype = runtime
+    x0, x_t = x0.to(device), x_t.to(device)
+    t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+    out = call_model(model, x_t.to(model_dtype), t_batch).to(torch.float64)
+    prev_batch = torch.full_like(t_batch, prev)
+    return vb_term_nats(scheduler, out, x0, x_t, t_batch, prev_batch, num_bins=num_bins).flatten(1).sum(1).cpu()
+
+
+def _checked_batch_size(scheduler, x_start, num_bins, batch_size, on_grid: bool = True) -> int:
+    """``batch_size`` (default: every image at once) after checking it, η > 0 and the images (finite; with
+    ``on_grid`` also in [-1, 1] on the grid of ``num_bins`` levels)."""
     if scheduler.config.eta == 0:
         raise ValueError(
             "the bound is not defined for eta=0 (DDIM): q_λ(x_prev|x_t, x_0) has λ = 0, a point mass, so each "
             "KL term is infinite; evaluate it with eta > 0 (eta=1: DDPM's posterior)"
         )
-    _check_images(x_start, num_bins)
+    if on_grid:
+        _check_images(x_start, num_bins)
+    elif not torch.is_tensor(x_start) or x_start.ndim != 4 or not torch.isfinite(x_start).all():
+        raise ValueError("latents must be a finite 4-D tensor [N, C, H, W]")
     batch_size = x_start.shape[0] if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -322,9 +339,12 @@ def conditional_vlb_terms(unet, scheduler, images, class_ids, **kwargs) -> dict:
     """vlb_terms of -log p(x | c) with each image's own class id: one call per class, results in image order."""
     class_ids = np.asarray(class_ids)
     out = None
+    shard, dealt = kwargs.pop("shard", None) or Shard(), 0
     for class_id in sorted(set(class_ids.tolist())):
         idx = torch.from_numpy(np.flatnonzero(class_ids == class_id))
-        terms = vlb_terms(_WithClassLabel(unet, int(class_id)), scheduler, images[idx], **kwargs)
+        model = _WithClassLabel(unet, int(class_id))
+        terms = vlb_terms(model, scheduler, images[idx], shard=shard.shifted(dealt), **kwargs)
+        dealt += -(-len(idx) // (kwargs.get("batch_size") or len(idx)))  # the next class deals on from here
         if out is None:
             out = {k: terms[k] for k in ("timesteps", "decoder_index")}
             out["terms_bpd"] = torch.zeros(len(images), terms["terms_bpd"].shape[1], dtype=torch.float64)

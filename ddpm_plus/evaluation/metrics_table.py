@@ -13,6 +13,7 @@ from .sample_metrics import InceptionFeatures
 
 __all__ = [
     "PROXY_NAME",
+    "LATENT_BPD_LABEL",
     "SMALL_N",
     "SMALL_N_WARNING",
     "Metric",
@@ -30,6 +31,7 @@ SMALL_N_WARNING = (
     "a Frechet distance from fewer than 10,000 samples is biased upward; compare it only with figures at the same n"
 )
 PROXY_NAME = "digits Frechet distance (proxy, not FID)"
+LATENT_BPD_LABEL = "latent bits/dim (not comparable with pixel bits/dim)"
 REFERENCE_NOTE = "(reference: {num_reference} images)"
 
 
@@ -61,6 +63,10 @@ METRICS = (
            spread="bits_per_source_pixel_stderr"),
     Metric("prior_bits_per_dim", "  prior L_T, bits/dim", 5),
     Metric("decoder_bits_per_dim", "  decoder L_0, bits/dim", 4),
+    Metric("latent_bits_per_dim", LATENT_BPD_LABEL, 4, "latent_bpd", "latent_bits_per_dim",
+           "latent_bits_per_dim_stderr", "({num_images} images' VAE latents)"),
+    Metric("latent_prior_bits_per_dim", "  prior L_T, latent bits/dim", 5),
+    Metric("latent_decoder_bits_per_dim", "  decoder L_0, latent bits/dim ({latent_num_bins}-level grid)", 4),
     Metric("fid", "FID@{n}", 3, "fid@{n}", "fid", note=REFERENCE_NOTE, extractor="inception"),
     Metric("kid_mean", "KID@{n}", 5, "kid@{n}", "kid", "kid_std", extractor="inception"),
     Metric("precision", "precision@{n}", 4, "precision@{n}", "precision", extractor="inception"),

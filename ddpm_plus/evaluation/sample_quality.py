@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import sample_metrics as sm
+from .distributed import Shard
 from .errors import MetricsSetupError
 from .metrics_table import SMALL_N, SMALL_N_WARNING
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_DINOV2", "FeatureExtractors", "compute_sample_metrics", "add_metric_source_arguments"]
 
 DEFAULT_DINOV2 = "facebook/dinov2-large"
+INCEPTION_METRICS = frozenset({"fid", "kid", "precision_recall"})
 
 
 @dataclass
@@ -78,6 +80,44 @@ class FeatureExtractors:
             reference_stats_file=args.reference_stats,
         )
 
+    def features(self, samples_uint8: torch.Tensor, metrics: Iterable[str]) -> dict[str, np.ndarray]:
+        """The features ``metrics`` need of uint8 samples: ``{"inception": [n, 2048], "dinov2": [n, D]}``."""
+        return {which: extractor(samples_uint8) for which, extractor in self._needed(metrics).items()}
+
+    def _needed(self, metrics: Iterable[str]) -> dict:
+        metrics = set(metrics)
+        needed = {"inception": self.inception if metrics & INCEPTION_METRICS else None}
+        needed["dinov2"] = self.dinov2 if "fd_dinov2" in metrics else None
+        return {which: extractor for which, extractor in needed.items() if extractor is not None}
+
+    def share_references(self, metrics: Iterable[str], reals: EvalImages, shard: Shard) -> None:
+        """Called by every process of ``shard`` (nothing to do for one): reference statistics that are not
+        cached on disk yet are computed with the real images split over the processes (blocks of the
+        extractor's batch size, the batches one process uses) and gathered by the main process, which saves
+        them; the main process then holds every reference :meth:`reference` returns."""
+        if shard.world == 1:
+            return
+        metrics = set(metrics)
+        for which, extractor in self._needed(metrics).items():
+            need_features = which == "inception" and bool(metrics & {"kid", "precision_recall"})
+            if which == "inception" and self.reference_stats_file and not need_features:
+                continue
+            key = {**reals.key, "extractor": extractor.name, "weights": extractor.weights_id}
+            memo = repr(sorted(key.items()))
+            path = sm.reference_stats_path(key, self.cache_dir)
+            if shard.broadcast(shard.is_main and (memo in self._references or _loads(path))):
+                continue
+            images = reals.uint8()
+            pieces = [
+                (b.start, extractor(images[b.start : b.stop])) for b in shard.blocks(len(images), extractor.batch_size)
+            ]
+            gathered = shard.gather(pieces, to_all=False)
+            if gathered is not None:
+                stats = sm.ReferenceStats.from_features(np.concatenate([f for _, f in gathered]))
+                stats.save(path)
+                logger.info("%s reference statistics computed by %d processes: %s", which, shard.world, path)
+                self._references[memo] = (stats, str(path))
+
     def reference(self, which: str, reals: EvalImages, need_features: bool) -> tuple[sm.ReferenceStats, str]:
         """Reference statistics of ``reals`` in ``which`` ("inception" | "dinov2") features, cached on disk
         per (dataset, config, split, resolution, channels, extractor, weights hash) and in memory per run."""
@@ -93,28 +133,43 @@ class FeatureExtractors:
         return self._references[memo]
 
 
+def _loads(path) -> bool:
+    try:
+        sm.ReferenceStats.load(path)
+        return True
+    except ValueError:
+        return False
+
+
 def compute_sample_metrics(
-    samples_uint8: torch.Tensor, reals: EvalImages, metrics: Iterable[str], extractors: FeatureExtractors
+    samples_uint8: torch.Tensor,
+    reals: EvalImages,
+    metrics: Iterable[str],
+    extractors: FeatureExtractors,
+    features: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """The sample metrics among ``metrics`` of uint8 samples [N, C, H, W] against ``reals``:
     ``fid``, ``kid_mean``/``kid_std``, ``precision``/``recall``, ``fd_dinov2`` with ``num_samples`` and
-    ``num_reference`` (and where the reference statistics came from)."""
+    ``num_reference`` (and where the reference statistics came from). ``features``: the samples' features
+    already extracted (:meth:`FeatureExtractors.features`), else extracted here."""
+    features = features or {}
     metrics = [m for m in metrics if m in sm.SAMPLE_METRICS]
     out: dict = {}
     if not metrics:
         return out
     n = int(samples_uint8.shape[0])
     out["num_samples"] = n
-    if set(metrics) & {"fid", "kid", "precision_recall"}:
+    if set(metrics) & INCEPTION_METRICS:
         need_features = bool(set(metrics) & {"kid", "precision_recall"})
         ref, source = extractors.reference("inception", reals, need_features)
-        gen = extractors.inception(samples_uint8)
+        gen = features["inception"] if "inception" in features else extractors.inception(samples_uint8)
         out.update(_inception_metrics(gen, ref, metrics))
         out["num_reference"] = int(ref.num) if ref.num else len(reals.images)
         out["inception_reference_stats"] = source
     if "fd_dinov2" in metrics:
         ref, source = extractors.reference("dinov2", reals, False)
-        mu, sigma = sm.gaussian_stats(extractors.dinov2(samples_uint8))
+        gen = features["dinov2"] if "dinov2" in features else extractors.dinov2(samples_uint8)
+        mu, sigma = sm.gaussian_stats(gen)
         out["fd_dinov2"] = sm.frechet_distance_from_stats(mu, sigma, ref.mu, ref.sigma)
         out["dinov2_model"] = extractors.dinov2.name
         out["dinov2_reference_stats"] = source

@@ -131,11 +131,6 @@ def check_latent_flags(args) -> None:
         args.latent_channels = args.latent_size = None
         args.clip_sample = True if args.clip_sample is None else args.clip_sample
         return
-    if args.eval_steps:
-        raise ValueError(
-            "--eval_steps: evaluation during training is not supported for latent models (--vae) yet (the "
-            "evaluation engine scores pixel-space pipelines); drop --eval_steps"
-        )
     config = read_vae_config(args)
     in_channels = int(config.get("in_channels", 3))
     if args.channels is not None and args.channels != in_channels:

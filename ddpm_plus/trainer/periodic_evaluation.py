@@ -5,6 +5,11 @@ dataset's ``--eval_split`` (reference statistics computed once per run and cache
 logged to the trackers under the metric table's keys (``eval/fid@n``, ``eval/kid@n``, ``eval/precision@n``,
 ``eval/recall@n``, ``eval/fd_dinov2@n``, ``eval/bpd``; on the digits also ``eval/digits_frechet_proxy@n``),
 and the final ones go into the model card and its Hub ``model-index``.
+
+Every process takes its share of each evaluation (its blocks of samples, features and bound images,
+evaluation/distributed.py) and gets the figures, which are the ones a single process computes; the main process
+logs them. A latent model (``--vae``) is scored on its decoded images, and its bound is logged as
+``eval/latent_bpd`` (latent bits/dim, not comparable with pixel bits/dim).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..data import DatasetSource
+from ..evaluation.distributed import current_shard
 from ..evaluation.engine import evaluate_pipeline
 from ..evaluation.errors import EvaluationOptionsError
 from ..evaluation.metrics_table import card_rows, model_index_entries, tracker_values
@@ -84,7 +90,7 @@ def check_eval_arguments(args) -> tuple[str, ...]:
 
 @dataclass
 class PeriodicEvaluation:
-    """The run's evaluation state, on the main process: options, extractors, real images, last figures."""
+    """The run's evaluation state, on every process: options, extractors, real images, last figures."""
 
     options: EvaluationOptions
     extractors: FeatureExtractors
@@ -97,27 +103,30 @@ class PeriodicEvaluation:
         if not args.eval_steps:
             return None
         options = eval_options(args)
-        extractors = FeatureExtractors.from_args(options.metrics, args, device, progress=False)
         dataset = args.dataset_name or args.train_data_dir or "digits"
-        reals = load_eval_images(
-            dataset,
-            resolution=args.resolution,
-            channels=args.channels,
-            split=args.eval_split,
-            dataset_config=args.dataset_config_name,
-            image_column=args.image_column if dataset != "digits" else "image",
-            label_column=args.label_column if args.class_conditional else None,
-            max_images=options.max_images,
-        )
+        with current_shard().main_first():  # weights downloaded and dataset files cached once
+            extractors = FeatureExtractors.from_args(options.metrics, args, device, progress=False)
+            reals = load_eval_images(
+                dataset,
+                resolution=args.resolution,
+                channels=args.channels,
+                split=args.eval_split,
+                dataset_config=args.dataset_config_name,
+                image_column=args.image_column if dataset != "digits" else "image",
+                label_column=args.label_column if args.class_conditional else None,
+                max_images=options.max_images,
+            )
         return cls(options, extractors, reals)
 
     def evaluate(self, args, pipe, step: int) -> dict:
-        """Evaluate ``pipe`` (EMA weights) and return the tracker values ``eval/...``."""
+        """Evaluate ``pipe`` (EMA weights), every process its share, and return the tracker values ``eval/...``
+        (the same on every process)."""
         pipe.set_progress_bar_config(disable=True)
         figures = evaluate_pipeline(pipe, self.reals, self.options, self.extractors).figures
         self.last = {**figures, "step": step}
         logged = tracker_values(figures)
-        logger.info("evaluation at step %d: %s", step, logged)
+        if current_shard().is_main:
+            logger.info("evaluation at step %d: %s", step, logged)
         return logged
 
     def card(self) -> tuple[dict, list[dict]]:
