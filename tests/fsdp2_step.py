@@ -13,6 +13,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
 from ddpm_plus import DDPMPlusScheduler
+from ddpm_plus.trainer.full_weights import is_sharded, unsharded_copy
 from ddpm_plus.trainer.losses import compute_loss
 
 GLOBAL_BATCH = 8
@@ -70,8 +71,10 @@ def main(mode: str, out_path: str) -> None:
     if mode == "fsdp2":
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=options)
-        ema.copy_to(model.parameters())  # the EMA's shards into the model, then gathered like the weights
-        ema_weights = get_model_state_dict(model, options=options)
+        # the trainer's helper for the saved pipeline: a plain copy with the EMA weights on rank 0
+        copy = unsharded_copy(model, ema, main_process=rank == 0)
+        ema_weights = copy.state_dict() if copy is not None else None
+        assert is_sharded(model) and (copy is None or not is_sharded(copy))
         dist.destroy_process_group()
     else:
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # copy_to writes in place

@@ -24,7 +24,7 @@ LAYERS = [
     ("hub",),
     ("trainer",),
     ("conversion",),
-    ("cli", "train", "__init__"),
+    ("cli", "train", "evaluate", "__init__"),
 ]
 
 

@@ -23,8 +23,10 @@ pipeline records the class names, the null id and the dropout (``DDPMPlusPipelin
 The trainer's modules: this one runs the loop (``train``) and the per-step hooks (logging, checkpoints, sample
 grids, evaluation, signals) and is the command (``main``); ``step`` holds ``training_step``, the whole
 per-micro-step computation (import it to benchmark the real thing); ``components`` builds what a run is made of
-(``prepare``); ``meter`` measures it; ``outputs`` writes what it leaves behind. ``main`` prints a user-facing
-error, and the summary line of a finished run, once: on the first process of each machine (``LOCAL_RANK`` 0).
+(``prepare``); ``meter`` measures it; ``outputs`` writes what it leaves behind; ``collective_errors`` makes a
+failure on one process (a checkpoint write, the final pipeline, the evaluation setup) stop every process with
+the same ``RankFailedError``. ``main`` prints a user-facing error, and the summary line of a finished run, once:
+on the first process of each machine (``LOCAL_RANK`` 0).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ from ..redaction import redact as redact_text
 from . import checkpointing as ckpt
 from . import run_lock
 from .args import build_scheduler, parse_args
+from .collective_errors import RankFailedError, all_or_none
 from .components import TrainingRun, build_accelerator, build_optimizer, build_unet, prepare
 from .data import derive_seed
+from .full_weights import main_process_model
 from .meter import NonFiniteLossError, TrainingMeter
 from .outputs import (
     ema_weights,
@@ -83,6 +87,7 @@ logger = logging.getLogger("ddpm_plus.train")
 # The errors ``main`` reports as one line (and exit status 1) instead of a traceback.
 USER_ERRORS = (
     NonFiniteLossError, ValueError, hub.HubPushError, ckpt.CheckpointWriteError, run_lock.OutputDirLockedError,
+    RankFailedError,
 )  # fmt: skip
 
 
@@ -124,21 +129,30 @@ def maybe_checkpoint(run: TrainingRun, meter: TrainingMeter, step: int, done: bo
     if step % args.checkpointing_steps and not done:
         return
     write_checkpoint(run, meter, step)
-    if not run.accelerator.is_main_process:
+    if not args.push_checkpoints or done:
         return
-    if args.push_checkpoints and not done:  # the current EMA pipeline, uploaded in the background
-        save_final_pipeline(args, run.model, run.ema, run.noise_scheduler, run.conditioning, run.vae)
-        write_card(
-            args,
-            {"global_step": step, "images_per_s": None, "final_loss": meter.last_loss},
-            run.accelerator.num_processes,
-            run.conditioning,
-            run.vae,
-        )
-        try:
-            run.checkpoint_pushes.append(push(args, run_as_future=True))
-        except hub.HubPushError as e:
-            logger.warning("checkpoint push not started: %s", e)
+    model, ema = main_process_model(run.model, run.ema, run.accelerator)  # FSDP: the full weights, gathered
+    # Written by the main process while the others wait; a failure there stops them all with its message.
+    with all_or_none(run.accelerator, f"writing the pipeline of step {step}", quiet=(ckpt.CheckpointWriteError,)):
+        if run.accelerator.is_main_process:
+            start_checkpoint_push(run, meter, step, model, ema)
+
+
+def start_checkpoint_push(run: TrainingRun, meter: TrainingMeter, step: int, model, ema) -> None:
+    """``--push_checkpoints`` (main process): the current EMA pipeline and card written, uploaded in the background."""
+    args = run.args
+    save_final_pipeline(args, model, ema, run.noise_scheduler, run.conditioning, run.vae)
+    write_card(
+        args,
+        {"global_step": step, "images_per_s": None, "final_loss": meter.last_loss},
+        run.accelerator.num_processes,
+        run.conditioning,
+        run.vae,
+    )
+    try:
+        run.checkpoint_pushes.append(push(args, run_as_future=True))
+    except hub.HubPushError as e:
+        logger.warning("checkpoint push not started: %s", e)
 
 
 def stop_on_signal(run: TrainingRun, meter: TrainingMeter, step: int, signum: int) -> None:
@@ -159,30 +173,29 @@ def maybe_save_samples(run: TrainingRun, meter: TrainingMeter, step: int, done: 
     if not (every and step % every == 0) and not done:
         return
     meter.check_finite()
-    if run.accelerator.is_main_process:
-        run.last_grid = save_sample_grid(
-            run.args, run.model, run.ema, run.noise_scheduler, step, run.conditioning, run.vae
-        )
-    run.accelerator.wait_for_everyone()
+    model, ema = main_process_model(run.model, run.ema, run.accelerator)  # FSDP: the full weights, gathered
+    with all_or_none(run.accelerator, f"writing the sample grid of step {step}"):  # a failure stops every process
+        if run.accelerator.is_main_process:
+            run.last_grid = save_sample_grid(run.args, model, ema, run.noise_scheduler, step, run.conditioning, run.vae)
 
 
 def maybe_evaluate(run: TrainingRun, meter: TrainingMeter, step: int, done: bool) -> None:
-    """Every ``--eval_steps`` (0: never) and at the end: the EMA weights' metrics, logged as ``eval/...``."""
+    """Every ``--eval_steps`` (0: never) and at the end: the EMA weights' metrics, logged as ``eval/...``. Every
+    process takes its share of the evaluation (ddpm_plus/trainer/periodic_evaluation.py); the main one logs."""
     every = run.args.eval_steps
     if not every or (step % every and not done):
         return
     meter.check_finite()
-    if run.accelerator.is_main_process:
-        devices = [run.model.device.index or 0] if run.model.device.type == "cuda" else []
-        with ema_weights(run.ema, run.model), torch.random.fork_rng(devices=devices), torch.no_grad():
-            run.model.eval()
-            try:
-                logs = run.evaluation.evaluate(
-                    run.args, make_pipeline(run.model, run.noise_scheduler, run.conditioning, run.vae), step
-                )
-            finally:
-                run.model.train()
-        run.accelerator.log(logs, step=step)
+    devices = [run.model.device.index or 0] if run.model.device.type == "cuda" else []
+    with ema_weights(run.ema, run.model), torch.random.fork_rng(devices=devices), torch.no_grad():
+        run.model.eval()
+        try:
+            logs = run.evaluation.evaluate(
+                run.args, make_pipeline(run.model, run.noise_scheduler, run.conditioning, run.vae), step
+            )
+        finally:
+            run.model.train()
+    run.accelerator.log(logs, step=step)  # main process only (accelerate's trackers)
     run.accelerator.wait_for_everyone()
 
 

@@ -19,6 +19,8 @@ from ..pipelines.pipeline_latent_ddpm_plus import LatentDDPMPlusPipeline
 from ..redaction import without_secrets
 from ..schedulers.scheduling_ddpm_plus import DDPMPlusScheduler
 from . import checkpointing as ckpt
+from .collective_errors import all_or_none
+from .full_weights import main_process_model
 
 if TYPE_CHECKING:
     from .components import TrainingRun
@@ -105,6 +107,8 @@ def save_final_pipeline(args, model, ema, noise_scheduler, conditioning=None, va
 
 def dataset_description(args) -> str | None:
     """The card's words for the training data: the bundled digits or the image folder (a Hub dataset: its name)."""
+    if getattr(args, "train_data_files", None):  # --streaming local shards
+        return f"streamed shards {', '.join(args.train_data_files)}"
     source = DatasetSource.from_flags(args.dataset_name, args.train_data_dir)
     if source.is_digits:
         return "scikit-learn's digits (bundled with ddpm_plus: train split, 1,437 images of 8x8 with 17 grey levels)"
@@ -176,14 +180,17 @@ def finish(run: TrainingRun, meter: TrainingMeter, step: int) -> dict:
         "num_processes": accelerator.num_processes,
         "last_grid": str(run.last_grid) if run.last_grid else None,
     }
-    if accelerator.is_main_process:
-        save_final_pipeline(args, run.model, run.ema, run.noise_scheduler, run.conditioning, run.vae)
-        write_card(args, summary, accelerator.num_processes, run.conditioning, run.vae)
-        if run.evaluation is not None and run.evaluation.last:
-            rows, model_index = run.evaluation.card()
-            hub.set_card_evaluation(args.output_dir, rows, model_index=model_index)
-            summary["evaluation"] = run.evaluation.last
-        logger.info("saved the pipeline and model card to %s", run.output_dir)
+    model, ema = main_process_model(run.model, run.ema, accelerator)  # FSDP: the full weights, gathered
+    # Written by the main process while the others wait; a failure there stops them all with its message.
+    with all_or_none(accelerator, "writing the final pipeline and model card", quiet=(ckpt.CheckpointWriteError,)):
+        if accelerator.is_main_process:
+            save_final_pipeline(args, model, ema, run.noise_scheduler, run.conditioning, run.vae)
+            write_card(args, summary, accelerator.num_processes, run.conditioning, run.vae)
+            if run.evaluation is not None and run.evaluation.last:
+                rows, model_index = run.evaluation.card()
+                hub.set_card_evaluation(args.output_dir, rows, model_index=model_index)
+                summary["evaluation"] = run.evaluation.last
+            logger.info("saved the pipeline and model card to %s", run.output_dir)
     accelerator.end_training()
     if accelerator.is_main_process and args.push_to_hub:
         for future in run.checkpoint_pushes:
