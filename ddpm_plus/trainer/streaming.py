@@ -281,17 +281,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         return item
 
 
-def worker_errors_in_one_line(batches):
+def worker_errors_in_one_line(loader):
     """The batches of a DataLoader; a ValueError (e.g. :class:`BadSampleError`) raised in a worker, which the
-    DataLoader re-raises with the worker's traceback in its message, re-raised with the worker's message only."""
+    DataLoader re-raises with the worker's traceback in its message, re-raised with the worker's message only.
+    The workers are shut down on the way out, even while the error (and with it this frame) is still referenced:
+    they ignore SIGTERM (``ignore_stop_signals``), and a worker left waiting would block the interpreter's exit."""
+    iterator = iter(loader)
     try:
-        yield from batches
+        yield from iterator
     except ValueError as e:
         text = str(e).strip()
         if not text.startswith("Caught "):
             raise
         last = text.splitlines()[-1]
         raise type(e)(last.split(f"{type(e).__name__}: ", 1)[-1]) from e
+    finally:  # what the iterator's __del__ does, now: the error keeps this frame (and the iterator) alive
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # only multi-worker iterators have workers
+        if shutdown is not None:
+            shutdown()
 
 
 class StreamingLoader:
