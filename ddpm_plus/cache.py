@@ -1,12 +1,13 @@
 """Where ddpm_plus caches downloads and computed files (classifier weights, Inception weights, reference
-statistics)."""
+statistics), and the file hash that identifies weights in cache keys and model cards."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["default_cache_dir"]
+__all__ = ["default_cache_dir", "file_sha256"]
 
 
 def default_cache_dir() -> Path:
@@ -14,3 +15,12 @@ def default_cache_dir() -> Path:
     if os.environ.get("DDPM_PLUS_CACHE"):
         return Path(os.environ["DDPM_PLUS_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm_plus"
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

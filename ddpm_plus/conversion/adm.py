@@ -20,7 +20,6 @@ in float32.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 import re
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..cache import file_sha256
 from ..models.adm_classifier import ADMClassifierModel
 from ..models.adm_unet import ADMUNetModel
 from ..pipelines.pipeline_ddpm_plus import DDPMPlusPipeline
@@ -130,14 +130,6 @@ def convert_classifier(state: Mapping[str, torch.Tensor], *flag_texts: str | Non
     return _loaded(ADMClassifierModel(**classifier_config(flags)), state)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _source(args) -> dict[str, Any]:
     path = Path(args.checkpoint)
     flags = {
@@ -148,7 +140,7 @@ def _source(args) -> dict[str, Any]:
     return dict(
         repo=GUIDED if args.source == CLASSIFIER else args.source,
         checkpoint=path.name,
-        sha256=_sha256(path),
+        sha256=file_sha256(path),
         flags={k: v for k, v in flags.items() if v},
     )
 

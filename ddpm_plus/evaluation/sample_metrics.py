@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache import default_cache_dir
+from ..cache import default_cache_dir, file_sha256
 from .errors import MetricsSetupError, MissingExtraError
 
 __all__ = [
@@ -79,14 +79,6 @@ def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be uint8 [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}")
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images.contiguous()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _batches(images: torch.Tensor, batch_size: int, progress: bool, desc: str):
@@ -152,7 +144,7 @@ class InceptionFeatures:
         fe = import_extra("torch_fidelity.feature_extractor_inceptionv3", "FID, KID and precision/recall")
         path = _inception_file(weights, cache_dir)
         state = _load_tensors(path)
-        self.weights_id = _sha256(path)
+        self.weights_id = file_sha256(path)
         # torch-fidelity reads its file with torch.load(weights_only=False), which can run code from a pickle;
         # it gets a copy we wrote ourselves from the tensors read above.
         with tempfile.TemporaryDirectory() as tmp:
